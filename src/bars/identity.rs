@@ -1,0 +1,1533 @@
+//! Identity headers: decodes and validates the four Base64-JSON `NHSD-*` headers (BARS-CONTEXT.md
+//! "Headers on requests that reach a receiver").
+//!
+//! The BaRS proxy checks none of them, so the gateway is the first to. Each header goes through the
+//! same steps, each with its own diagnostic: length bound, standard Base64 (padding optional),
+//! UTF-8, a nesting bound, JSON, then the shape of its FHIR resource. Diagnostics name the header
+//! and the rule broken, never the decoded content.
+//!
+//! The JSON is read into small typed structs whose fields accept *any* JSON value and record what
+//! they saw (see [`Text`], [`Kind`], [`Array`], [`Object`]); no `serde_json::Value` tree is built,
+//! strings are borrowed from the decode buffer, and the shape rules below can then say precisely
+//! what is wrong instead of relaying serde's messages (which can quote the offending value).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
+use base64::Engine as _;
+use http::{HeaderMap, HeaderValue};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::bars::errors::Refusal;
+
+/// `NHSD-Target-Identifier`: which service the request is for.
+pub const NHSD_TARGET_IDENTIFIER: &str = "NHSD-Target-Identifier";
+/// `NHSD-End-User-Organisation`: the sender's organisation (a FHIR Organization).
+pub const NHSD_END_USER_ORGANISATION: &str = "NHSD-End-User-Organisation";
+/// `NHSD-Requesting-Software`: the sending system (a FHIR Device).
+pub const NHSD_REQUESTING_SOFTWARE: &str = "NHSD-Requesting-Software";
+/// `NHSD-Requesting-Practitioner`: the user, when known (a FHIR PractitionerRole).
+pub const NHSD_REQUESTING_PRACTITIONER: &str = "NHSD-Requesting-Practitioner";
+
+/// The identifier system of an ODS organisation code (BaRS Organization identifier).
+pub const ODS_ORGANIZATION_CODE_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+
+/// Longest header value decoded. The spec's examples are under 400 bytes; the bound keeps a hostile
+/// header from costing more than a few microseconds.
+const MAX_ENCODED_LEN: usize = 8 * 1024;
+/// Room for the decoded bytes of a [`MAX_ENCODED_LEN`] value (3 bytes per 4 symbols, plus slack for
+/// the decoder's rounding up of a final partial quad).
+const DECODED_CAPACITY: usize = MAX_ENCODED_LEN / 4 * 3 + 3;
+/// Deepest `[`/`{` nesting accepted. The deepest BaRS header (PractitionerRole `code[].coding[]`)
+/// nests 5 deep; serde_json's own limit is 128, far more than any identity header needs.
+const MAX_DEPTH: usize = 16;
+
+/// The service a request is addressed to, e.g. `https://fhir.nhs.uk/Id/dos-service-id|2000011147`.
+/// It selects the upstream (`[[upstream.route]] target`) and is forwarded as `X-BaRS-Target`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetIdentifier {
+    /// The identifier system (a URI; never contains `|`).
+    pub system: String,
+    /// The identifier value, e.g. a DoS service id.
+    pub value: String,
+}
+
+impl fmt::Display for TargetIdentifier {
+    /// `system|value`, the FHIR token-search form the config's route keys use.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}|{}", self.system, self.value)
+    }
+}
+
+/// A config route key that is not `system|value` with both parts non-empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected \"system|value\" with both parts non-empty and no control characters")]
+pub struct InvalidTargetIdentifier;
+
+impl FromStr for TargetIdentifier {
+    type Err = InvalidTargetIdentifier;
+
+    /// Parses `system|value`, splitting at the first `|` (a URI system cannot contain one).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (system, value) = text.split_once('|').ok_or(InvalidTargetIdentifier)?;
+        let acceptable =
+            |part: &str| !part.trim().is_empty() && !part.chars().any(char::is_control);
+        if !acceptable(system) || !acceptable(value) {
+            return Err(InvalidTargetIdentifier);
+        }
+        Ok(TargetIdentifier {
+            system: system.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// An ODS organisation code, e.g. `A1001`; forwarded as `X-BaRS-Ods-Code`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OdsCode(pub String);
+
+impl OdsCode {
+    /// The code as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OdsCode {
+    /// The code as sent.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the gateway keeps of `NHSD-End-User-Organisation`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndUserOrganisation {
+    /// The sender organisation's ODS code.
+    pub ods_code: OdsCode,
+}
+
+/// What the gateway keeps of `NHSD-Requesting-Software`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestingSoftware {
+    /// The first identifier with a value, as `system|value` (or `value` when it has no system).
+    /// Always `Some` after validation, which requires such an identifier.
+    pub id: Option<String>,
+}
+
+/// The decoded identity headers of one request; `None` where a header was absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    /// `NHSD-Target-Identifier`.
+    pub target: Option<TargetIdentifier>,
+    /// `NHSD-End-User-Organisation`.
+    pub organisation: Option<EndUserOrganisation>,
+    /// `NHSD-Requesting-Software`.
+    pub software: Option<RequestingSoftware>,
+    /// Whether a valid `NHSD-Requesting-Practitioner` was sent (validated, never passed on).
+    pub practitioner_present: bool,
+}
+
+/// Which identity headers an endpoint requires (see `Endpoint::identity_requirements`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityRequirements {
+    /// `NHSD-Target-Identifier` must be present.
+    pub target: bool,
+    /// `NHSD-End-User-Organisation` must be present.
+    pub organisation: bool,
+    /// `NHSD-Requesting-Software` must be present.
+    pub software: bool,
+}
+
+/// Decodes and validates the four identity headers: a required one that is absent is refused with
+/// `MissingHeader`, and any one present is always validated (`MalformedHeader` when wrong).
+/// `NHSD-Requesting-Practitioner` is never required (BARS-CONTEXT.md: optional).
+pub fn decode_identity_headers(
+    headers: &HeaderMap,
+    required: IdentityRequirements,
+) -> Result<IdentityHeaders, Refusal> {
+    let target = single_value(headers, NHSD_TARGET_IDENTIFIER, required.target)?
+        .map(decode_target)
+        .transpose()?;
+    let organisation = single_value(headers, NHSD_END_USER_ORGANISATION, required.organisation)?
+        .map(decode_organisation)
+        .transpose()?;
+    let software = single_value(headers, NHSD_REQUESTING_SOFTWARE, required.software)?
+        .map(decode_software)
+        .transpose()?;
+    let practitioner_present = match single_value(headers, NHSD_REQUESTING_PRACTITIONER, false)? {
+        Some(value) => {
+            decode_practitioner(value)?;
+            true
+        }
+        None => false,
+    };
+    Ok(IdentityHeaders {
+        target,
+        organisation,
+        software,
+        practitioner_present,
+    })
+}
+
+/// The header's only value; absent is `MissingHeader` when required. A header sent twice is refused:
+/// which copy the legacy system would read is unknown, so either choice could bypass a check.
+fn single_value<'h>(
+    headers: &'h HeaderMap,
+    name: &'static str,
+    required: bool,
+) -> Result<Option<&'h HeaderValue>, Refusal> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) if required => Err(Refusal::MissingHeader { header: name }),
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(malformed(name, "sent more than once")),
+        (Some(value), None) => Ok(Some(value)),
+    }
+}
+
+fn decode_target(value: &HeaderValue) -> Result<TargetIdentifier, Refusal> {
+    const H: &str = NHSD_TARGET_IDENTIFIER;
+    with_decoded_json(H, value, |json| {
+        let doc: TargetJson<'_> = parse_object(H, json)?;
+        let system = non_empty_text(H, doc.system.as_ref(), "system")?;
+        // `system|value` is the route key and the X-BaRS-Target value: a `|` in the system would
+        // make it ambiguous, and a URI cannot contain one unencoded (RFC 3986).
+        if system.contains('|') {
+            return Err(malformed(H, "system must not contain '|'"));
+        }
+        let value = non_empty_text(H, doc.value.as_ref(), "value")?;
+        Ok(TargetIdentifier {
+            system: system.to_owned(),
+            value: value.to_owned(),
+        })
+    })
+}
+
+fn decode_organisation(value: &HeaderValue) -> Result<EndUserOrganisation, Refusal> {
+    const H: &str = NHSD_END_USER_ORGANISATION;
+    with_decoded_json(H, value, |json| {
+        let doc: OrganisationJson<'_> = parse_object(H, json)?;
+        require_resource_type(H, doc.resource_type.as_ref(), "Organization")?;
+        let identifiers = identifier_entries(H, doc.identifier.as_ref())?;
+        let mut ods_code: Option<&str> = None;
+        for entry in identifiers {
+            if entry.system.as_ref().and_then(Text::as_str) != Some(ODS_ORGANIZATION_CODE_SYSTEM) {
+                continue;
+            }
+            let code = non_empty_text(H, entry.value.as_ref(), "ODS organisation code value")?;
+            // Access control and X-BaRS-Ods-Code need one answer: two different codes have none.
+            match ods_code {
+                Some(seen) if seen != code => {
+                    return Err(malformed(
+                        H,
+                        "identifier has more than one ODS organisation code",
+                    ))
+                }
+                _ => ods_code = Some(code),
+            }
+        }
+        let ods_code = ods_code.ok_or_else(|| {
+            malformed(
+                H,
+                "identifier has no ODS organisation code (system https://fhir.nhs.uk/Id/ods-organization-code)",
+            )
+        })?;
+        if !matches!(doc.name, None | Some(Kind::String)) {
+            return Err(malformed(H, "name must be a string"));
+        }
+        Ok(EndUserOrganisation {
+            ods_code: OdsCode(ods_code.to_owned()),
+        })
+    })
+}
+
+fn decode_software(value: &HeaderValue) -> Result<RequestingSoftware, Refusal> {
+    const H: &str = NHSD_REQUESTING_SOFTWARE;
+    with_decoded_json(H, value, |json| {
+        let doc: SoftwareJson<'_> = parse_object(H, json)?;
+        require_resource_type(H, doc.resource_type.as_ref(), "Device")?;
+        let first = first_identifier_with_value(H, doc.identifier.as_ref())?;
+        let id = match first.system.as_ref().and_then(Text::as_str) {
+            Some(system) if !system.trim().is_empty() => {
+                check_no_control(H, system, "identifier system")?;
+                format!("{system}|{}", first.value_str())
+            }
+            _ => first.value_str().to_owned(),
+        };
+        // The spec's example writes deviceName and version as objects, FHIR R4 as arrays: accept
+        // both (BARS-CONTEXT.md), and their absence, but not a bare string or number.
+        if !matches!(doc.device_name, None | Some(Kind::Object | Kind::Array)) {
+            return Err(malformed(H, "deviceName must be an object or an array"));
+        }
+        if !matches!(doc.version, None | Some(Kind::Object | Kind::Array)) {
+            return Err(malformed(H, "version must be an object or an array"));
+        }
+        Ok(RequestingSoftware { id: Some(id) })
+    })
+}
+
+fn decode_practitioner(value: &HeaderValue) -> Result<(), Refusal> {
+    const H: &str = NHSD_REQUESTING_PRACTITIONER;
+    with_decoded_json(H, value, |json| {
+        let doc: PractitionerJson<'_> = parse_object(H, json)?;
+        // Optional header and optional field: only a wrong resourceType is refused.
+        if doc.resource_type.is_some() {
+            require_resource_type(H, doc.resource_type.as_ref(), "PractitionerRole")?;
+        }
+        // The IG expects an sds-role-profile-id identifier; any identifier with a value is accepted
+        // because the gateway never acts on this header.
+        first_identifier_with_value(H, doc.identifier.as_ref())?;
+        if !matches!(doc.code, None | Some(Kind::Array)) {
+            return Err(malformed(H, "code must be an array"));
+        }
+        Ok(())
+    })
+}
+
+/// Runs the shared steps (length, Base64, UTF-8, nesting) and hands the JSON text to `read`.
+fn with_decoded_json<T>(
+    header: &'static str,
+    value: &HeaderValue,
+    read: impl FnOnce(&str) -> Result<T, Refusal>,
+) -> Result<T, Refusal> {
+    let raw = value.as_bytes();
+    if raw.len() > MAX_ENCODED_LEN {
+        return Err(malformed(header, "is too long"));
+    }
+    // Proxies and hand-written clients leave spaces around the value; they are never Base64.
+    let encoded = raw.trim_ascii();
+    if encoded.is_empty() {
+        return Err(malformed(header, "is empty"));
+    }
+    // On the stack: this runs on every request, and the bound above makes the size known.
+    let mut buffer = [0u8; DECODED_CAPACITY];
+    // Standard alphabet only: URL-safe `-`/`_` and anything else fail here (BARS-CONTEXT.md:
+    // "accept standard Base64 with or without padding ... reject everything else").
+    let len = STANDARD_PAD_INDIFFERENT
+        .decode_slice(encoded, &mut buffer)
+        .map_err(|_| malformed(header, "is not valid Base64"))?;
+    let decoded = &buffer[..len];
+    let json = std::str::from_utf8(decoded).map_err(|_| malformed(header, "is not UTF-8"))?;
+    check_nesting(json.as_bytes()).map_err(|()| malformed(header, "is nested too deeply"))?;
+    read(json)
+}
+
+/// Refuses JSON nested deeper than [`MAX_DEPTH`] in one pass over the bytes, before serde recurses.
+fn check_nesting(json: &[u8]) -> Result<(), ()> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(());
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Parses the text as a JSON object of shape `T`. Surrounding whitespace (the spec's examples end
+/// in a newline) is JSON whitespace and accepted by serde_json.
+fn parse_object<'a, T: Deserialize<'a>>(header: &'static str, json: &'a str) -> Result<T, Refusal> {
+    match serde_json::from_str::<Object<T>>(json) {
+        Ok(Object::Fields(fields)) => Ok(fields),
+        Ok(Object::Other) => Err(malformed(header, "is not a JSON object")),
+        // Every field type below accepts any JSON value, so the only data error left is a repeated
+        // key, which serde's derive refuses: good, since a second copy could hide from a check.
+        Err(e) if e.is_data() => Err(malformed(header, "has a duplicate JSON field")),
+        // serde_json's own message is not used: it can quote the content.
+        Err(_) => Err(malformed(header, "is not valid JSON")),
+    }
+}
+
+fn require_resource_type(
+    header: &'static str,
+    resource_type: Option<&Text<'_>>,
+    expected: &'static str,
+) -> Result<(), Refusal> {
+    if resource_type.and_then(Text::as_str) == Some(expected) {
+        Ok(())
+    } else {
+        Err(malformed(
+            header,
+            &format!("resourceType must be \"{expected}\""),
+        ))
+    }
+}
+
+/// The `identifier` array's entries, each checked to be an object whose `system` and `value`, when
+/// present, are strings.
+fn identifier_entries<'d, 'a>(
+    header: &'static str,
+    identifier: Option<&'d Array<Object<IdentifierJson<'a>>>>,
+) -> Result<impl Iterator<Item = &'d IdentifierJson<'a>>, Refusal> {
+    let Some(Array::Items(items)) = identifier else {
+        return Err(malformed(header, "identifier must be an array"));
+    };
+    for item in items {
+        let Object::Fields(entry) = item else {
+            return Err(malformed(header, "identifier entries must be objects"));
+        };
+        if matches!(entry.system, Some(Text::Other)) {
+            return Err(malformed(header, "identifier system must be a string"));
+        }
+        if matches!(entry.value, Some(Text::Other)) {
+            return Err(malformed(header, "identifier value must be a string"));
+        }
+    }
+    Ok(items.iter().filter_map(|item| match item {
+        Object::Fields(entry) => Some(entry),
+        Object::Other => None,
+    }))
+}
+
+/// The first identifier entry with a non-blank value (FHIR Device/PractitionerRole identifiers).
+fn first_identifier_with_value<'d, 'a>(
+    header: &'static str,
+    identifier: Option<&'d Array<Object<IdentifierJson<'a>>>>,
+) -> Result<&'d IdentifierJson<'a>, Refusal> {
+    let first = identifier_entries(header, identifier)?
+        .find(|entry| !entry.value_str().trim().is_empty())
+        .ok_or_else(|| {
+            malformed(
+                header,
+                "identifier must contain an entry with a non-empty value",
+            )
+        })?;
+    check_no_control(header, first.value_str(), "identifier value")?;
+    Ok(first)
+}
+
+/// The field's text if it is a string with a non-blank value and no control characters.
+fn non_empty_text<'t>(
+    header: &'static str,
+    field: Option<&'t Text<'_>>,
+    name: &str,
+) -> Result<&'t str, Refusal> {
+    match field.and_then(Text::as_str) {
+        Some(text) if !text.trim().is_empty() => {
+            check_no_control(header, text, name)?;
+            Ok(text)
+        }
+        _ => Err(malformed(
+            header,
+            &format!("{name} must be a non-empty string"),
+        )),
+    }
+}
+
+/// Extracted values become forwarded headers (`X-BaRS-Target`, `X-BaRS-Ods-Code`) and log fields:
+/// a JSON-escaped CR, LF or NUL must not reach either.
+fn check_no_control(header: &'static str, text: &str, name: &str) -> Result<(), Refusal> {
+    if text.chars().any(char::is_control) {
+        Err(malformed(
+            header,
+            &format!("{name} contains control characters"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn malformed(header: &'static str, problem: &str) -> Refusal {
+    Refusal::MalformedHeader {
+        header,
+        problem: problem.to_owned(),
+    }
+}
+
+// ---- JSON shapes ------------------------------------------------------------------------------
+// Unknown fields are ignored: FHIR resources carry more than the gateway reads.
+
+#[derive(serde::Deserialize)]
+struct TargetJson<'a> {
+    #[serde(borrow)]
+    system: Option<Text<'a>>,
+    #[serde(borrow)]
+    value: Option<Text<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct OrganisationJson<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Option<Text<'a>>,
+    #[serde(borrow)]
+    identifier: Option<Array<Object<IdentifierJson<'a>>>>,
+    name: Option<Kind>,
+}
+
+#[derive(serde::Deserialize)]
+struct SoftwareJson<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Option<Text<'a>>,
+    #[serde(borrow)]
+    identifier: Option<Array<Object<IdentifierJson<'a>>>>,
+    #[serde(rename = "deviceName")]
+    device_name: Option<Kind>,
+    version: Option<Kind>,
+}
+
+#[derive(serde::Deserialize)]
+struct PractitionerJson<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Option<Text<'a>>,
+    #[serde(borrow)]
+    identifier: Option<Array<Object<IdentifierJson<'a>>>>,
+    code: Option<Kind>,
+}
+
+/// A FHIR Identifier: `{system?, value?}`.
+#[derive(serde::Deserialize)]
+struct IdentifierJson<'a> {
+    #[serde(borrow)]
+    system: Option<Text<'a>>,
+    #[serde(borrow)]
+    value: Option<Text<'a>>,
+}
+
+impl IdentifierJson<'_> {
+    /// The value, or "" when absent (entries are checked to hold strings before this is used).
+    fn value_str(&self) -> &str {
+        self.value.as_ref().and_then(Text::as_str).unwrap_or("")
+    }
+}
+
+/// Any JSON value, kept when it is a string (borrowed unless it contained escapes).
+enum Text<'a> {
+    String(Cow<'a, str>),
+    Other,
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Text::String(text) => Some(text),
+            Text::Other => None,
+        }
+    }
+}
+
+/// Any JSON value, reduced to its kind (contents skipped without allocating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    String,
+    Object,
+    Array,
+    Other,
+}
+
+/// Any JSON value, read as `T` items when it is an array.
+enum Array<T> {
+    Items(Vec<T>),
+    Other,
+}
+
+/// Any JSON value, read as the struct `T` when it is an object.
+enum Object<T> {
+    Fields(T),
+    Other,
+}
+
+/// Visitor methods for the JSON scalars, all giving `$value`.
+macro_rules! scalars_give {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+struct TextVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+    type Value = Text<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    scalars_give!(Text::Other);
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Text::String(Cow::Borrowed(text)))
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Text::String(Cow::Owned(text.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Text::String(Cow::Owned(text)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        skip_seq(seq).map(|()| Text::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        skip_map(map).map(|()| Text::Other)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TextVisitor(PhantomData))
+    }
+}
+
+struct KindVisitor;
+
+impl<'de> Visitor<'de> for KindVisitor {
+    type Value = Kind;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    scalars_give!(Kind::Other);
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Kind::String)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        skip_seq(seq).map(|()| Kind::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        skip_map(map).map(|()| Kind::Object)
+    }
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(KindVisitor)
+    }
+}
+
+struct ArrayVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ArrayVisitor<T> {
+    type Value = Array<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    scalars_give!(Array::Other);
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Array::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // Identifier arrays hold one or two entries in practice.
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(2).min(8));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Array::Items(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        skip_map(map).map(|()| Array::Other)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Array<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ArrayVisitor(PhantomData))
+    }
+}
+
+struct ObjectVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+    type Value = Object<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    scalars_give!(Object::Other);
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Object::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        skip_seq(seq).map(|()| Object::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object::Fields)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ObjectVisitor(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/bars-examples/headers-examples.json");
+
+    const ALL: IdentityRequirements = IdentityRequirements {
+        target: true,
+        organisation: true,
+        software: true,
+    };
+    const NONE: IdentityRequirements = IdentityRequirements {
+        target: false,
+        organisation: false,
+        software: false,
+    };
+
+    const HEADERS: [&str; 4] = [
+        NHSD_TARGET_IDENTIFIER,
+        NHSD_END_USER_ORGANISATION,
+        NHSD_REQUESTING_SOFTWARE,
+        NHSD_REQUESTING_PRACTITIONER,
+    ];
+
+    fn fixture() -> serde_json::Value {
+        serde_json::from_str(FIXTURE).unwrap()
+    }
+
+    /// The valid request's four NHSD headers, as sent.
+    fn valid_headers() -> HeaderMap {
+        let fixture = fixture();
+        let sent = &fixture["valid_process_message_request"]["headers"];
+        let mut map = HeaderMap::new();
+        for name in HEADERS {
+            let value = sent[name].as_str().unwrap();
+            map.insert(name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn with(header: &'static str, value: &[u8]) -> HeaderMap {
+        let mut map = valid_headers();
+        map.insert(header, HeaderValue::from_bytes(value).unwrap());
+        map
+    }
+
+    fn encoded(json: &str) -> String {
+        STANDARD.encode(json)
+    }
+
+    fn with_json(header: &'static str, json: &str) -> HeaderMap {
+        with(header, encoded(json).as_bytes())
+    }
+
+    /// Asserts a 400 / value refusal naming `header` whose problem contains `problem`.
+    fn assert_malformed(result: Result<IdentityHeaders, Refusal>, header: &str, problem: &str) {
+        let refusal = result.expect_err("should be refused");
+        match &refusal {
+            Refusal::MalformedHeader {
+                header: h,
+                problem: p,
+            } => {
+                assert_eq!(*h, header, "{refusal}");
+                assert!(p.contains(problem), "expected {problem:?} in {refusal}");
+            }
+            other => panic!("expected MalformedHeader, got {other:?}"),
+        }
+        assert_eq!(refusal.status(), 400);
+        assert_eq!(refusal.bars_code(), "REC_BAD_REQUEST");
+        assert_eq!(refusal.issue_code(), "value");
+        assert!(refusal.to_string().starts_with(header), "{refusal}");
+    }
+
+    const ORG_OK: &str = r#"{"resourceType":"Organization","identifier":[{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}],"name":"X"}"#;
+    const SOFTWARE_OK: &str = r#"{"resourceType":"Device","identifier":[{"system":"https://s.example/Id/device","value":"APP-1"}]}"#;
+
+    #[test]
+    fn every_valid_header_from_the_spec_example_passes() {
+        let decoded = decode_identity_headers(&valid_headers(), ALL).unwrap();
+        assert_eq!(
+            decoded.target,
+            Some(TargetIdentifier {
+                system: "https://fhir.nhs.uk/Id/dos-service-id".into(),
+                value: "2000011147".into(),
+            })
+        );
+        assert_eq!(
+            decoded.organisation,
+            Some(EndUserOrganisation {
+                ods_code: OdsCode("A1001".into())
+            })
+        );
+        assert_eq!(
+            decoded.software,
+            Some(RequestingSoftware {
+                id: Some("https://consumersupplier.com/Id/device-identifier|SUPP-APP-1".into())
+            })
+        );
+        assert!(decoded.practitioner_present);
+    }
+
+    #[test]
+    fn spec_example_encodings_end_in_a_newline_inside_the_base64() {
+        // Guards the premise of the tolerance: if the fixture changed, the test above would not
+        // cover a trailing newline any more.
+        let fixture = fixture();
+        let sent = &fixture["valid_process_message_request"]["headers"];
+        let org = STANDARD
+            .decode(sent[NHSD_END_USER_ORGANISATION].as_str().unwrap())
+            .unwrap();
+        assert_eq!(org.last(), Some(&b'\n'));
+    }
+
+    #[test]
+    fn decoded_fixture_json_re_encoded_passes_for_every_header() {
+        let fixture = fixture();
+        let mut map = HeaderMap::new();
+        for name in HEADERS {
+            let json = fixture["decoded"][name]["json"].to_string();
+            map.insert(name, HeaderValue::from_str(&encoded(&json)).unwrap());
+        }
+        let decoded = decode_identity_headers(&map, ALL).unwrap();
+        assert_eq!(decoded.organisation.unwrap().ods_code.as_str(), "A1001");
+    }
+
+    #[test]
+    fn target_identifier_with_spaces_and_no_padding_passes() {
+        let fixture = fixture();
+        let observed =
+            &fixture["other_observed_values"]["NHSD-Target-Identifier_v1.0.0_schema_example"];
+        let value = observed["encoded"].as_str().unwrap();
+        assert!(!value.ends_with('='));
+        let decoded =
+            decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, value.as_bytes()), ALL).unwrap();
+        let target = decoded.target.unwrap();
+        assert_eq!(target.to_string(), "tests|NHS0001");
+    }
+
+    #[test]
+    fn unpadded_encoding_passes() {
+        // 28 and 29 bytes of JSON: two and one padding characters left off.
+        for value in ["v12", "v123"] {
+            let json = format!(r#"{{"system":"s","value":"{value}"}}"#);
+            assert!(STANDARD.encode(&json).ends_with('='));
+            let map = with(
+                NHSD_TARGET_IDENTIFIER,
+                STANDARD_NO_PAD.encode(&json).as_bytes(),
+            );
+            let decoded = decode_identity_headers(&map, ALL).unwrap();
+            assert_eq!(decoded.target.unwrap().value, value);
+        }
+    }
+
+    #[test]
+    fn whitespace_around_the_header_value_and_inside_the_json_passes() {
+        let json = "\n\t {\"system\" : \"s\" , \"value\" : \"v\"} \r\n \n";
+        let value = format!("  {}\t", encoded(json));
+        let map = with(NHSD_TARGET_IDENTIFIER, value.as_bytes());
+        assert_eq!(
+            decode_identity_headers(&map, ALL)
+                .unwrap()
+                .target
+                .unwrap()
+                .to_string(),
+            "s|v"
+        );
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let json = r#"{"system":"https:\/\/fhir.nhs.uk\/Id\/dos-service-id","value":"\u0032000"}"#;
+        let target = decode_identity_headers(&with_json(NHSD_TARGET_IDENTIFIER, json), ALL)
+            .unwrap()
+            .target
+            .unwrap();
+        assert_eq!(target.system, "https://fhir.nhs.uk/Id/dos-service-id");
+        assert_eq!(target.value, "2000");
+    }
+
+    #[test]
+    fn repo_test_target_identifier_not_base64_is_refused() {
+        let fixture = fixture();
+        let case = &fixture["invalid_cases_from_repo_tests"]["target_identifier_not_base64"];
+        let value = case[NHSD_TARGET_IDENTIFIER].as_str().unwrap();
+        let result = decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, value.as_bytes()), ALL);
+        assert_malformed(
+            result.clone(),
+            NHSD_TARGET_IDENTIFIER,
+            "is not valid Base64",
+        );
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            "NHSD-Target-Identifier header is malformed: is not valid Base64"
+        );
+    }
+
+    #[test]
+    fn repo_test_target_identifier_missing_value_is_refused() {
+        let fixture = fixture();
+        let case = &fixture["invalid_cases_from_repo_tests"]["target_identifier_missing_value"];
+        let json = case["NHSD-Target-Identifier_json"].to_string();
+        let result = decode_identity_headers(&with_json(NHSD_TARGET_IDENTIFIER, &json), ALL);
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            "NHSD-Target-Identifier header is malformed: value must be a non-empty string"
+        );
+    }
+
+    #[test]
+    fn repo_test_unknown_target_value_is_well_formed_and_left_to_routing() {
+        // The proxy answers 404 for an unknown target: that is `Refusal::UnknownTarget`, raised
+        // where upstreams are chosen, not a header-shape problem.
+        let fixture = fixture();
+        let case = &fixture["invalid_cases_from_repo_tests"]["target_identifier_unknown_value"];
+        let json = case["NHSD-Target-Identifier_json"].to_string();
+        let decoded =
+            decode_identity_headers(&with_json(NHSD_TARGET_IDENTIFIER, &json), ALL).unwrap();
+        assert_eq!(decoded.target.unwrap().value, "invalid");
+    }
+
+    #[test]
+    fn bad_header_values_are_refused_with_a_precise_problem() {
+        let deep = format!(
+            r#"{{"system":"s","value":"v","x":{}1{}}}"#,
+            "[".repeat(16),
+            "]".repeat(16)
+        );
+        let table: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("bad base64", b"@@@@".to_vec(), "is not valid Base64"),
+            ("bad base64 length", b"eyJ".to_vec(), "is not valid Base64"),
+            (
+                "base64 with inner space",
+                b"eyJz eXN0".to_vec(),
+                "is not valid Base64",
+            ),
+            (
+                "base64 with text after padding",
+                b"eyI=eyI=".to_vec(),
+                "is not valid Base64",
+            ),
+            (
+                "url-safe alphabet",
+                URL_SAFE
+                    .encode(r#"{"system":"s?>","value":"v~~?"}"#)
+                    .into_bytes(),
+                "is not valid Base64",
+            ),
+            ("empty", b"".to_vec(), "is empty"),
+            ("blank", b"   ".to_vec(), "is empty"),
+            (
+                "not json",
+                encoded("system=s&value=v").into_bytes(),
+                "is not valid JSON",
+            ),
+            (
+                "truncated json",
+                encoded(r#"{"system":"s","#).into_bytes(),
+                "is not valid JSON",
+            ),
+            (
+                "trailing garbage",
+                encoded(r#"{"system":"s","value":"v"} x"#).into_bytes(),
+                "is not valid JSON",
+            ),
+            (
+                "json array",
+                encoded(r#"[{"system":"s","value":"v"}]"#).into_bytes(),
+                "is not a JSON object",
+            ),
+            (
+                "json string",
+                encoded(r#""s|v""#).into_bytes(),
+                "is not a JSON object",
+            ),
+            (
+                "json null",
+                encoded("null").into_bytes(),
+                "is not a JSON object",
+            ),
+            (
+                "missing value",
+                encoded(r#"{"system":"s"}"#).into_bytes(),
+                "value must be a non-empty string",
+            ),
+            (
+                "empty value",
+                encoded(r#"{"system":"s","value":""}"#).into_bytes(),
+                "value must be a non-empty string",
+            ),
+            (
+                "blank value",
+                encoded(r#"{"system":"s","value":"  "}"#).into_bytes(),
+                "value must be a non-empty string",
+            ),
+            (
+                "numeric value",
+                encoded(r#"{"system":"s","value":2000011147}"#).into_bytes(),
+                "value must be a non-empty string",
+            ),
+            (
+                "null value",
+                encoded(r#"{"system":"s","value":null}"#).into_bytes(),
+                "value must be a non-empty string",
+            ),
+            (
+                "missing system",
+                encoded(r#"{"value":"v"}"#).into_bytes(),
+                "system must be a non-empty string",
+            ),
+            (
+                "object system",
+                encoded(r#"{"system":{},"value":"v"}"#).into_bytes(),
+                "system must be a non-empty string",
+            ),
+            (
+                "pipe in system",
+                encoded(r#"{"system":"a|b","value":"v"}"#).into_bytes(),
+                "system must not contain '|'",
+            ),
+            (
+                "newline in value",
+                encoded(r#"{"system":"s","value":"v\r\nX-Evil: 1"}"#).into_bytes(),
+                "value contains control characters",
+            ),
+            (
+                "duplicate key",
+                encoded(r#"{"system":"s","value":"v","value":"w"}"#).into_bytes(),
+                "has a duplicate JSON field",
+            ),
+            (
+                "deeply nested",
+                encoded(&deep).into_bytes(),
+                "is nested too deeply",
+            ),
+            (
+                "non-utf-8",
+                STANDARD
+                    .encode(b"{\"system\":\"s\xff\",\"value\":\"v\"}")
+                    .into_bytes(),
+                "is not UTF-8",
+            ),
+            (
+                "huge",
+                encoded(&format!(
+                    r#"{{"system":"s","value":"{}"}}"#,
+                    "9".repeat(7000)
+                ))
+                .into_bytes(),
+                "is too long",
+            ),
+        ];
+        for (case, value, problem) in table {
+            let result = decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, &value), ALL);
+            assert!(result.is_err(), "{case} should be refused");
+            assert_malformed(result, NHSD_TARGET_IDENTIFIER, problem);
+        }
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_passes() {
+        let json = format!(
+            r#"{{"system":"s","value":"v","x":{}1{}}}"#,
+            "[".repeat(15),
+            "]".repeat(15)
+        );
+        assert!(decode_identity_headers(&with_json(NHSD_TARGET_IDENTIFIER, &json), ALL).is_ok());
+        // Brackets inside strings do not count.
+        let json = format!(
+            r#"{{"system":"s","value":"v","x":"\"{}"}}"#,
+            "[{".repeat(100)
+        );
+        assert!(decode_identity_headers(&with_json(NHSD_TARGET_IDENTIFIER, &json), ALL).is_ok());
+    }
+
+    #[test]
+    fn header_of_exactly_the_limit_is_decoded() {
+        let mut json = format!(
+            r#"{{"system":"s","value":"v","pad":"{}"}}"#,
+            "x".repeat(6000)
+        );
+        while STANDARD.encode(&json).len() < MAX_ENCODED_LEN {
+            json.push(' ');
+        }
+        let value = STANDARD.encode(&json);
+        assert_eq!(value.len(), MAX_ENCODED_LEN);
+        assert!(
+            decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, value.as_bytes()), ALL).is_ok()
+        );
+        let value = format!("{value} ");
+        let result = decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, value.as_bytes()), ALL);
+        assert_malformed(result, NHSD_TARGET_IDENTIFIER, "is too long");
+    }
+
+    #[test]
+    fn every_header_sent_twice_is_refused() {
+        for name in HEADERS {
+            let mut map = valid_headers();
+            let value = map[name].clone();
+            map.append(name, value);
+            assert_malformed(
+                decode_identity_headers(&map, ALL),
+                name,
+                "sent more than once",
+            );
+        }
+    }
+
+    #[test]
+    fn every_header_is_validated_when_present_even_if_not_required() {
+        for name in HEADERS {
+            let result = decode_identity_headers(&with(name, b"not base64!"), NONE);
+            assert_malformed(result, name, "is not valid Base64");
+            let result = decode_identity_headers(&with_json(name, "[]"), NONE);
+            assert_malformed(result, name, "is not a JSON object");
+        }
+    }
+
+    #[test]
+    fn required_headers_that_are_missing_are_refused_in_order() {
+        let cases = [
+            (NHSD_TARGET_IDENTIFIER, ALL),
+            (
+                NHSD_END_USER_ORGANISATION,
+                IdentityRequirements {
+                    target: false,
+                    ..ALL
+                },
+            ),
+            (
+                NHSD_REQUESTING_SOFTWARE,
+                IdentityRequirements {
+                    software: true,
+                    ..NONE
+                },
+            ),
+        ];
+        for (header, required) in cases {
+            let refusal = decode_identity_headers(&HeaderMap::new(), required).unwrap_err();
+            assert_eq!(refusal, Refusal::MissingHeader { header });
+            assert_eq!(refusal.status(), 400);
+            assert_eq!(refusal.issue_code(), "invalid");
+            assert!(refusal.to_string().starts_with(header));
+        }
+    }
+
+    #[test]
+    fn headers_not_required_may_be_absent() {
+        let decoded = decode_identity_headers(&HeaderMap::new(), NONE).unwrap();
+        assert_eq!(decoded, IdentityHeaders::default());
+        let mut map = valid_headers();
+        map.remove(NHSD_REQUESTING_PRACTITIONER);
+        map.remove(NHSD_END_USER_ORGANISATION);
+        map.remove(NHSD_REQUESTING_SOFTWARE);
+        let decoded = decode_identity_headers(
+            &map,
+            IdentityRequirements {
+                target: true,
+                ..NONE
+            },
+        )
+        .unwrap();
+        assert!(decoded.target.is_some());
+        assert!(!decoded.practitioner_present);
+    }
+
+    #[test]
+    fn organisation_shape_rules_are_enforced() {
+        let ods = ODS_ORGANIZATION_CODE_SYSTEM;
+        let table: Vec<(String, &str)> = vec![
+            (r#"{"identifier":[]}"#.into(), r#"resourceType must be "Organization""#),
+            (
+                format!(r#"{{"resourceType":"Organisation","identifier":[{{"system":"{ods}","value":"A1"}}]}}"#),
+                r#"resourceType must be "Organization""#,
+            ),
+            (
+                format!(r#"{{"resourceType":["Organization"],"identifier":[{{"system":"{ods}","value":"A1"}}]}}"#),
+                r#"resourceType must be "Organization""#,
+            ),
+            (r#"{"resourceType":"Organization"}"#.into(), "identifier must be an array"),
+            (
+                format!(r#"{{"resourceType":"Organization","identifier":{{"system":"{ods}","value":"A1"}}}}"#),
+                "identifier must be an array",
+            ),
+            (r#"{"resourceType":"Organization","identifier":["A1"]}"#.into(), "identifier entries must be objects"),
+            (
+                r#"{"resourceType":"Organization","identifier":[{"system":"https://other/Id","value":"A1"}]}"#.into(),
+                "identifier has no ODS organisation code",
+            ),
+            (r#"{"resourceType":"Organization","identifier":[]}"#.into(), "identifier has no ODS organisation code"),
+            (
+                format!(r#"{{"resourceType":"Organization","identifier":[{{"system":"{ods}"}}]}}"#),
+                "ODS organisation code value must be a non-empty string",
+            ),
+            (
+                format!(r#"{{"resourceType":"Organization","identifier":[{{"system":"{ods}","value":""}}]}}"#),
+                "ODS organisation code value must be a non-empty string",
+            ),
+            (
+                format!(r#"{{"resourceType":"Organization","identifier":[{{"system":"{ods}","value":7}}]}}"#),
+                "identifier value must be a string",
+            ),
+            (
+                format!(r#"{{"resourceType":"Organization","identifier":[{{"system":"{ods}","value":"A1"}},{{"system":"{ods}","value":"B2"}}]}}"#),
+                "more than one ODS organisation code",
+            ),
+            (
+                format!(r#"{{"resourceType":"Organization","identifier":[{{"system":"{ods}","value":"A1"}}],"name":{{"text":"x"}}}}"#),
+                "name must be a string",
+            ),
+        ];
+        for (json, problem) in table {
+            let result =
+                decode_identity_headers(&with_json(NHSD_END_USER_ORGANISATION, &json), ALL);
+            assert_malformed(result, NHSD_END_USER_ORGANISATION, problem);
+        }
+    }
+
+    #[test]
+    fn organisation_without_ods_code_is_refused() {
+        let json = r#"{"resourceType":"Organization","identifier":[{"system":"https://fhir.nhs.uk/Id/other","value":"A1001"}],"name":"X"}"#;
+        let result = decode_identity_headers(&with_json(NHSD_END_USER_ORGANISATION, json), ALL);
+        assert_malformed(
+            result,
+            NHSD_END_USER_ORGANISATION,
+            "no ODS organisation code",
+        );
+    }
+
+    #[test]
+    fn organisation_finds_the_ods_code_among_other_identifiers_and_fields() {
+        let ods = ODS_ORGANIZATION_CODE_SYSTEM;
+        let json = format!(
+            r#"{{"resourceType":"Organization","id":"x","meta":{{"profile":["p"]}},"identifier":[{{"system":"https://other","value":"Z9"}},{{"use":"official","system":"{ods}","value":"RX1"}},{{"system":"{ods}","value":"RX1"}}],"active":true}}"#
+        );
+        let decoded =
+            decode_identity_headers(&with_json(NHSD_END_USER_ORGANISATION, &json), ALL).unwrap();
+        assert_eq!(decoded.organisation.unwrap().ods_code.to_string(), "RX1");
+        // name is optional.
+        let decoded =
+            decode_identity_headers(&with_json(NHSD_END_USER_ORGANISATION, ORG_OK), ALL).unwrap();
+        assert!(decoded.organisation.is_some());
+    }
+
+    #[test]
+    fn software_device_name_and_version_as_object_array_or_absent_are_accepted() {
+        let base =
+            r#""resourceType":"Device","identifier":[{"system":"https://s/Id","value":"APP"}]"#;
+        let variants = [
+            "",
+            r#","deviceName":{"name":"N","type":"manufacturer-name"},"version":{"value":"1.0.0"}"#,
+            r#","deviceName":[{"name":"N","type":"manufacturer-name"}],"version":[{"value":"1.0.0"}]"#,
+            r#","deviceName":[{"name":"N"}],"version":{"value":"1"}"#,
+            r#","deviceName":null"#,
+        ];
+        for extra in variants {
+            let json = format!("{{{base}{extra}}}");
+            let decoded = decode_identity_headers(&with_json(NHSD_REQUESTING_SOFTWARE, &json), ALL)
+                .unwrap_or_else(|e| panic!("{extra}: {e}"));
+            assert_eq!(
+                decoded.software.unwrap().id.as_deref(),
+                Some("https://s/Id|APP")
+            );
+        }
+    }
+
+    #[test]
+    fn software_shape_rules_are_enforced() {
+        let table = [
+            (
+                r#"{"identifier":[{"value":"A"}]}"#,
+                r#"resourceType must be "Device""#,
+            ),
+            (
+                r#"{"resourceType":"Organization","identifier":[{"value":"A"}]}"#,
+                r#"resourceType must be "Device""#,
+            ),
+            (
+                r#"{"resourceType":"Device"}"#,
+                "identifier must be an array",
+            ),
+            (
+                r#"{"resourceType":"Device","identifier":[]}"#,
+                "identifier must contain an entry with a non-empty value",
+            ),
+            (
+                r#"{"resourceType":"Device","identifier":[{"system":"s"}]}"#,
+                "identifier must contain an entry with a non-empty value",
+            ),
+            (
+                r#"{"resourceType":"Device","identifier":[{"system":"s","value":""}]}"#,
+                "identifier must contain an entry with a non-empty value",
+            ),
+            (
+                r#"{"resourceType":"Device","identifier":[{"system":1,"value":"A"}]}"#,
+                "identifier system must be a string",
+            ),
+            (
+                r#"{"resourceType":"Device","identifier":[{"value":"A"}],"deviceName":"N"}"#,
+                "deviceName must be an object or an array",
+            ),
+            (
+                r#"{"resourceType":"Device","identifier":[{"value":"A"}],"version":"1.0.0"}"#,
+                "version must be an object or an array",
+            ),
+        ];
+        for (json, problem) in table {
+            let result = decode_identity_headers(&with_json(NHSD_REQUESTING_SOFTWARE, json), ALL);
+            assert_malformed(result, NHSD_REQUESTING_SOFTWARE, problem);
+        }
+    }
+
+    #[test]
+    fn software_id_is_the_first_identifier_with_a_value() {
+        let json = r#"{"resourceType":"Device","identifier":[{"system":"s0","value":""},{"value":"APP-2"},{"system":"s3","value":"APP-3"}]}"#;
+        let decoded =
+            decode_identity_headers(&with_json(NHSD_REQUESTING_SOFTWARE, json), ALL).unwrap();
+        assert_eq!(decoded.software.unwrap().id.as_deref(), Some("APP-2"));
+        let decoded =
+            decode_identity_headers(&with_json(NHSD_REQUESTING_SOFTWARE, SOFTWARE_OK), ALL)
+                .unwrap();
+        assert_eq!(
+            decoded.software.unwrap().id.as_deref(),
+            Some("https://s.example/Id/device|APP-1")
+        );
+    }
+
+    #[test]
+    fn practitioner_shape_rules_are_enforced() {
+        let table = [
+            (
+                r#"{"resourceType":"Practitioner","identifier":[{"value":"1"}]}"#,
+                r#"resourceType must be "PractitionerRole""#,
+            ),
+            (
+                r#"{"resourceType":"PractitionerRole"}"#,
+                "identifier must be an array",
+            ),
+            (
+                r#"{"resourceType":"PractitionerRole","identifier":[{"system":"s"}]}"#,
+                "identifier must contain an entry with a non-empty value",
+            ),
+            (
+                r#"{"resourceType":"PractitionerRole","identifier":[{"value":"1"}],"code":{"coding":[]}}"#,
+                "code must be an array",
+            ),
+        ];
+        for (json, problem) in table {
+            let result =
+                decode_identity_headers(&with_json(NHSD_REQUESTING_PRACTITIONER, json), ALL);
+            assert_malformed(result, NHSD_REQUESTING_PRACTITIONER, problem);
+        }
+    }
+
+    #[test]
+    fn practitioner_with_any_identifier_and_no_resource_type_is_accepted() {
+        let json = r#"{"identifier":[{"system":"https://other/Id","value":"555"}]}"#;
+        let decoded =
+            decode_identity_headers(&with_json(NHSD_REQUESTING_PRACTITIONER, json), ALL).unwrap();
+        assert!(decoded.practitioner_present);
+    }
+
+    #[test]
+    fn spec_placeholder_practitioner_example_is_refused_for_its_resource_type() {
+        let fixture = fixture();
+        let value = fixture["decoded"][NHSD_REQUESTING_PRACTITIONER]["spec_schema_example_encoded"]
+            .as_str()
+            .unwrap();
+        let result =
+            decode_identity_headers(&with(NHSD_REQUESTING_PRACTITIONER, value.as_bytes()), ALL);
+        assert_malformed(result, NHSD_REQUESTING_PRACTITIONER, "resourceType must be");
+    }
+
+    #[test]
+    fn diagnostics_never_echo_decoded_content() {
+        let secret = "9434765919-PATIENT";
+        let jsons = [
+            format!(r#"{{"resourceType":"{secret}","identifier":[]}}"#),
+            format!(
+                r#"{{"resourceType":"Organization","identifier":[{{"system":"{secret}","value":"{secret}"}}]}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"Organization","identifier":[{{"system":"{ODS_ORGANIZATION_CODE_SYSTEM}","value":7}}],"{secret}":1}}"#
+            ),
+            format!(r#"{{"resourceType":"Organization","{secret}":"#),
+            format!(r#"{{"resourceType":"Organization","name":{{"x":"{secret}"}}}}"#),
+            format!(r#"{{"resourceType":"Organization","resourceType":"{secret}"}}"#),
+        ];
+        for json in jsons {
+            let refusal =
+                decode_identity_headers(&with_json(NHSD_END_USER_ORGANISATION, &json), ALL)
+                    .unwrap_err();
+            assert!(!refusal.to_string().contains(secret), "{refusal}");
+        }
+    }
+
+    #[test]
+    fn target_identifier_parses_and_displays_route_keys() {
+        let target: TargetIdentifier = "https://fhir.nhs.uk/Id/dos-service-id|2000011147"
+            .parse()
+            .unwrap();
+        assert_eq!(target.system, "https://fhir.nhs.uk/Id/dos-service-id");
+        assert_eq!(target.value, "2000011147");
+        assert_eq!(
+            target.to_string(),
+            "https://fhir.nhs.uk/Id/dos-service-id|2000011147"
+        );
+        let target: TargetIdentifier = "s|a|b".parse().unwrap();
+        assert_eq!(
+            (target.system.as_str(), target.value.as_str()),
+            ("s", "a|b")
+        );
+        for bad in ["", "|", "s|", "|v", "sv", " |v", "s|\n"] {
+            assert_eq!(
+                bad.parse::<TargetIdentifier>(),
+                Err(InvalidTargetIdentifier),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn decoded_target_matches_the_parsed_route_key() {
+        let decoded = decode_identity_headers(&valid_headers(), ALL).unwrap();
+        let key: TargetIdentifier = "https://fhir.nhs.uk/Id/dos-service-id|2000011147"
+            .parse()
+            .unwrap();
+        assert_eq!(decoded.target, Some(key));
+    }
+
+    /// xorshift64: deterministic, no dependencies.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn byte_from(&mut self, alphabet: &[u8]) -> u8 {
+            alphabet[self.below(alphabet.len())]
+        }
+    }
+
+    fn mutate(rng: &mut Rng, input: &[u8], alphabet: &[u8]) -> Vec<u8> {
+        let mut out = input.to_vec();
+        for _ in 0..=rng.below(4) {
+            let at = if out.is_empty() {
+                0
+            } else {
+                rng.below(out.len())
+            };
+            match rng.below(6) {
+                0 if !out.is_empty() => out[at] = rng.byte_from(alphabet),
+                1 => out.insert(at, rng.byte_from(alphabet)),
+                2 if !out.is_empty() => {
+                    out.remove(at);
+                }
+                3 => out.truncate(at),
+                4 => {
+                    let end = (at + rng.below(16)).min(out.len());
+                    let copy = out[at..end].to_vec();
+                    let to = rng.below(out.len() + 1);
+                    out.splice(to..to, copy);
+                }
+                _ if !out.is_empty() => out[at] ^= 1 << rng.below(8),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Decodes `value` as every header; any refusal must name the header it is about.
+    fn decode_never_panics(value: &[u8]) {
+        let Ok(value) = HeaderValue::from_bytes(value) else {
+            return;
+        };
+        for name in HEADERS {
+            let mut map = valid_headers();
+            map.insert(name, value.clone());
+            if let Err(refusal) = decode_identity_headers(&map, ALL) {
+                assert!(refusal.to_string().starts_with(name), "{refusal}");
+                assert_eq!(refusal.status(), 400);
+            }
+        }
+    }
+
+    #[test]
+    fn fuzzed_headers_never_panic_the_decoder() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let fixture = fixture();
+        let encoded_values: Vec<String> = HEADERS
+            .iter()
+            .map(|name| {
+                fixture["valid_process_message_request"]["headers"][name]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        let json_texts: Vec<String> = HEADERS
+            .iter()
+            .map(|name| fixture["decoded"][name]["json"].to_string())
+            .collect();
+        let base64_alphabet =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ \t!";
+        let json_alphabet = b"{}[]\":,\\ \n0123456789.eE-+truefalsnul\x00\x7f\xc3\xa9\xff";
+        for _ in 0..3000 {
+            // Mutated Base64 text.
+            let source = &encoded_values[rng.below(encoded_values.len())];
+            decode_never_panics(&mutate(&mut rng, source.as_bytes(), base64_alphabet));
+            // Mutated JSON, validly encoded: exercises the JSON and shape rules.
+            let source = &json_texts[rng.below(json_texts.len())];
+            decode_never_panics(
+                STANDARD
+                    .encode(mutate(&mut rng, source.as_bytes(), json_alphabet))
+                    .as_bytes(),
+            );
+            // Random bytes, both raw and encoded.
+            let random: Vec<u8> = (0..rng.below(300)).map(|_| rng.next() as u8).collect();
+            decode_never_panics(&random);
+            decode_never_panics(STANDARD.encode(&random).as_bytes());
+        }
+    }
+}

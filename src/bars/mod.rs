@@ -1,0 +1,9 @@
+//! BaRS request rules: routes, request ids, identity headers, Accept, and the refusals they raise.
+
+pub mod accept;
+pub mod errors;
+pub mod identity;
+pub mod ids;
+pub mod routes;
+
+pub use errors::Refusal;

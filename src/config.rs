@@ -1,0 +1,1057 @@
+//! Configuration: TOML with unknown keys refused, turned in one step into validated settings, one
+//! struct per module (`ListenSettings`, `TlsSettings`, ...). Every error names the file and the key.
+//!
+//! Relative paths are resolved against the directory of the config file, so a config and its
+//! certificates can move together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Uri;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::admission::parse_cidr;
+use crate::bars::identity::TargetIdentifier;
+
+/// The default config path (DESIGN.md §2).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/bars-gateway/config.toml";
+
+/// The BaRS API proxy's source addresses in INT (BaRS IG, Deploy: firewall exceptions).
+pub const INT_PROXY_IPS: [&str; 2] = ["35.197.254.55/32", "35.246.55.143/32"];
+/// The BaRS API proxy's source addresses in PROD.
+pub const PROD_PROXY_IPS: [&str; 2] = ["34.89.0.111/32", "34.89.69.6/32"];
+/// The CN of the client certificate the BaRS proxy presents in INT.
+pub const INT_PROXY_SUBJECT: &str = "int.api.service.nhs.uk";
+/// The CN of the client certificate the BaRS proxy presents in PROD.
+pub const PROD_PROXY_SUBJECT: &str = "bars-proxy.spineservices.nhs.uk";
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {key}: {message}", file.display())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// The dotted key, e.g. `tls.certificate`, or `(file)` for problems with the file itself.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Everything `run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file these settings came from.
+    pub source: PathBuf,
+    /// `[listen]`.
+    pub listen: ListenSettings,
+    /// `[tls]`.
+    pub tls: TlsSettings,
+    /// `[client]`.
+    pub client: ClientSettings,
+    /// `[upstream]`.
+    pub upstream: UpstreamSettings,
+    /// `[bars]`.
+    pub bars: BarsSettings,
+    /// `[admin]`.
+    pub admin: AdminSettings,
+    /// `[log]`.
+    pub log: LogSettings,
+}
+
+/// `[listen]`: the public TLS listener and its connection limits.
+#[derive(Debug, Clone)]
+pub struct ListenSettings {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// L4 balancers allowed (and required) to send a PROXY protocol header.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time allowed for the TLS handshake and for each request's header section (slowloris).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections beyond this many are closed at accept.
+    pub max_connections: usize,
+    /// Largest request header section accepted.
+    pub max_header_bytes: usize,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// Where the server certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerIdentitySource {
+    /// PEM chain (leaf first) and a PEM key (PKCS#8 plain or encrypted, PKCS#1, SEC1).
+    Pem {
+        /// `tls.certificate`.
+        certificate: PathBuf,
+        /// `tls.private_key`.
+        private_key: PathBuf,
+        /// `tls.private_key_password_file`, if set.
+        password_file: Option<PathBuf>,
+    },
+    /// A PKCS#12 (`.pfx`) bundle.
+    Pkcs12 {
+        /// `tls.pkcs12`.
+        path: PathBuf,
+        /// `tls.pkcs12_password_file`, if set.
+        password_file: Option<PathBuf>,
+    },
+}
+
+/// Lowest TLS version offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// `[tls]`: the server identity and what client certificates are trusted.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// The server certificate and key.
+    pub identity: ServerIdentitySource,
+    /// Trusted client CAs (roots and sub-CAs).
+    pub client_ca: Vec<PathBuf>,
+    /// CRLs (PEM or DER).
+    pub client_crl: Vec<PathBuf>,
+    /// Lowest TLS version.
+    pub min_version: TlsVersion,
+    /// Polling fallback for reloads.
+    pub reload_interval: Duration,
+}
+
+/// A pinned client leaf certificate fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    /// SHA-256 of the DER certificate.
+    Sha256([u8; 32]),
+    /// SHA-1 of the DER certificate (the "thumbprint" the NHS guide publishes).
+    Sha1([u8; 20]),
+}
+
+/// Which BaRS environment's presets apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    /// Path to Live integration: the INT proxy addresses and CN.
+    Int,
+    /// Production: the PROD proxy addresses and CN.
+    Prod,
+    /// No presets: `allowed_ips` and `allowed_subjects` must be given.
+    Custom,
+}
+
+/// `[client]`: who may connect.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// The preset in force.
+    pub environment: Environment,
+    /// Source addresses allowed (after PROXY protocol, if any).
+    pub allowed_ips: Vec<IpNet>,
+    /// Allowed client certificate CNs or DNS SANs, lower-cased.
+    pub allowed_subjects: Vec<String>,
+    /// Allowed client leaf fingerprints; empty = no pinning.
+    pub pinned_fingerprints: Vec<Pin>,
+}
+
+/// One upstream (legacy receiver) base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// The URL as configured.
+    pub uri: Uri,
+    /// `host:port` for connecting and for the `Host` header.
+    pub authority: String,
+    /// The base path, without a trailing slash ("" for the root).
+    pub base_path: String,
+}
+
+/// `[upstream]`: where clean requests go.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// The default legacy receiver; `None` when only routes serve.
+    pub url: Option<UpstreamUrl>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response headers (the BaRS 5 s limit by default).
+    pub request_timeout: Duration,
+    /// Largest request body forwarded.
+    pub max_body: u64,
+    /// Request headers never forwarded.
+    pub strip_headers: Vec<HeaderName>,
+    /// Routes by NHSD-Target-Identifier.
+    pub routes: Vec<(TargetIdentifier, UpstreamUrl)>,
+}
+
+/// `[bars]`: BaRS request rules.
+#[derive(Debug, Clone)]
+pub struct BarsSettings {
+    /// Path prefix of the base URL registered with BaRS ("" or like "/bars/FHIR/R4").
+    pub base_path: String,
+    /// Organisation and Software headers required (except on /metadata and /MessageDefinition).
+    pub require_identity_headers: bool,
+    /// Accept header major versions served.
+    pub accepted_major_versions: Vec<u64>,
+    /// Whether the BaRS receiver endpoints are served.
+    pub bars_endpoints: bool,
+    /// Extra allowed path prefixes.
+    pub extra_prefixes: Vec<String>,
+}
+
+/// `[admin]`: the plain-HTTP health and metrics listener.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address to bind; `None` disables the admin listener.
+    pub address: Option<SocketAddr>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Level or `tracing` filter directive, e.g. `info` or `info,bars_gateway=debug`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+    /// One audit record per request.
+    pub audit: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw TOML model: exactly the keys of DESIGN.md §3, unknown keys refused.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: RawListen,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    client: RawClient,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    bars: RawBars,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    address: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_header_bytes: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: Option<String>,
+    private_key: Option<String>,
+    private_key_password_file: Option<String>,
+    pkcs12: Option<String>,
+    pkcs12_password_file: Option<String>,
+    client_ca: Option<Vec<String>>,
+    client_crl: Option<Vec<String>>,
+    min_version: Option<String>,
+    reload_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    environment: Option<String>,
+    allowed_ips: Option<Vec<String>>,
+    allowed_subjects: Option<Vec<String>>,
+    pinned_fingerprints: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    max_body: Option<String>,
+    strip_headers: Option<Vec<String>>,
+    route: Option<Vec<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    target: String,
+    url: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBars {
+    base_path: Option<String>,
+    require_identity_headers: Option<bool>,
+    accepted_major_versions: Option<Vec<u64>>,
+    allowed_paths: Option<RawAllowedPaths>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAllowedPaths {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+    audit: Option<bool>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Reads and validates the config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        key: "(file)".into(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text as if read from `path` (relative paths resolve against its directory).
+pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+    let v = Validator {
+        file: path.to_path_buf(),
+        dir: path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let message = e.message().to_string();
+        let at = e
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        v.err("(syntax)", format!("{message}{at}"))
+    })?;
+    Ok(Settings {
+        source: path.to_path_buf(),
+        listen: v.listen(raw.listen)?,
+        tls: v.tls(raw.tls)?,
+        client: v.client(raw.client)?,
+        upstream: v.upstream(raw.upstream)?,
+        bars: v.bars(raw.bars)?,
+        admin: v.admin(raw.admin)?,
+        log: v.log(raw.log)?,
+    })
+}
+
+struct Validator {
+    file: PathBuf,
+    dir: PathBuf,
+}
+
+impl Validator {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn path(&self, key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+        if value.trim().is_empty() {
+            return Err(self.err(key, "must not be empty"));
+        }
+        let p = Path::new(value);
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        })
+    }
+
+    fn optional_path(
+        &self,
+        key: &str,
+        value: Option<String>,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        match value {
+            Some(v) if !v.trim().is_empty() => self.path(key, &v).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
+        let text = value.unwrap_or_else(|| default.to_string());
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
+            self.err(
+                key,
+                format!("{text:?} is not a duration like \"5s\" or \"24h\": {e}"),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.err(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn size(&self, key: &str, value: Option<String>, default: &str) -> Result<u64, ConfigError> {
+        let text = value.unwrap_or_else(|| default.to_string());
+        parse_size(&text).ok_or_else(|| {
+            self.err(
+                key,
+                format!("{text:?} is not a size like \"32KiB\" or \"10MiB\""),
+            )
+        })
+    }
+
+    fn socket_addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.trim().parse().map_err(|_| {
+            self.err(
+                key,
+                format!("{value:?} is not an address like \"0.0.0.0:8443\""),
+            )
+        })
+    }
+
+    fn cidrs(&self, key: &str, values: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_cidr(v).map_err(|m| self.err(&format!("{key}[{i}]"), m)))
+            .collect()
+    }
+
+    fn listen(&self, raw: RawListen) -> Result<ListenSettings, ConfigError> {
+        let address = self.socket_addr(
+            "listen.address",
+            raw.address.as_deref().unwrap_or("0.0.0.0:8443"),
+        )?;
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(self.err("listen.max_connections", "must be at least 1"));
+        }
+        let max_header_bytes =
+            self.size("listen.max_header_bytes", raw.max_header_bytes, "32KiB")?;
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if !(8192..=1 << 20).contains(&max_header_bytes) {
+            return Err(self.err("listen.max_header_bytes", "must be between 8KiB and 1MiB"));
+        }
+        Ok(ListenSettings {
+            address,
+            trusted_proxies: self.cidrs(
+                "listen.trusted_proxies",
+                raw.trusted_proxies.as_deref().unwrap_or_default(),
+            )?,
+            header_read_timeout: self.duration(
+                "listen.header_read_timeout",
+                raw.header_read_timeout,
+                "10s",
+            )?,
+            idle_timeout: self.duration("listen.idle_timeout", raw.idle_timeout, "60s")?,
+            max_connections,
+            max_header_bytes: max_header_bytes as usize,
+            shutdown_grace: self.duration("listen.shutdown_grace", raw.shutdown_grace, "30s")?,
+        })
+    }
+
+    fn tls(&self, raw: Option<RawTls>) -> Result<TlsSettings, ConfigError> {
+        let raw = raw.ok_or_else(|| self.err("tls", "the [tls] section is required"))?;
+        let identity = match (raw.pkcs12, raw.certificate, raw.private_key) {
+            (Some(p12), None, None) => {
+                if raw.private_key_password_file.is_some() {
+                    return Err(self.err(
+                        "tls.private_key_password_file",
+                        "goes with tls.private_key; a PKCS#12 bundle takes tls.pkcs12_password_file",
+                    ));
+                }
+                ServerIdentitySource::Pkcs12 {
+                    path: self.path("tls.pkcs12", &p12)?,
+                    password_file: self
+                        .optional_path("tls.pkcs12_password_file", raw.pkcs12_password_file)?,
+                }
+            }
+            (Some(_), _, _) => {
+                return Err(self.err(
+                    "tls.pkcs12",
+                    "set either tls.pkcs12 or tls.certificate + tls.private_key, not both",
+                ))
+            }
+            (None, Some(cert), Some(key)) => {
+                if raw.pkcs12_password_file.is_some() {
+                    return Err(self.err("tls.pkcs12_password_file", "goes with tls.pkcs12"));
+                }
+                ServerIdentitySource::Pem {
+                    certificate: self.path("tls.certificate", &cert)?,
+                    private_key: self.path("tls.private_key", &key)?,
+                    password_file: self.optional_path(
+                        "tls.private_key_password_file",
+                        raw.private_key_password_file,
+                    )?,
+                }
+            }
+            (None, None, _) => {
+                return Err(self.err(
+                    "tls.certificate",
+                    "required (the server certificate chain, PEM), unless tls.pkcs12 is set",
+                ))
+            }
+            (None, Some(_), None) => {
+                return Err(self.err("tls.private_key", "required with tls.certificate"))
+            }
+        };
+        let client_ca = raw.client_ca.unwrap_or_default();
+        if client_ca.is_empty() {
+            return Err(self.err(
+                "tls.client_ca",
+                "at least one CA is required (the NHS root and sub-CA of your environment)",
+            ));
+        }
+        let client_ca = client_ca
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.path(&format!("tls.client_ca[{i}]"), p))
+            .collect::<Result<_, _>>()?;
+        let client_crl = raw
+            .client_crl
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.path(&format!("tls.client_crl[{i}]"), p))
+            .collect::<Result<_, _>>()?;
+        let min_version = match raw.min_version.as_deref().unwrap_or("1.2") {
+            "1.2" => TlsVersion::Tls12,
+            "1.3" => TlsVersion::Tls13,
+            other => {
+                return Err(self.err(
+                    "tls.min_version",
+                    format!("{other:?} is not supported: use \"1.2\" or \"1.3\""),
+                ))
+            }
+        };
+        Ok(TlsSettings {
+            identity,
+            client_ca,
+            client_crl,
+            min_version,
+            reload_interval: self.duration("tls.reload_interval", raw.reload_interval, "1m")?,
+        })
+    }
+
+    fn client(&self, raw: RawClient) -> Result<ClientSettings, ConfigError> {
+        let environment = match raw.environment.as_deref().unwrap_or("custom") {
+            "int" => Environment::Int,
+            "prod" => Environment::Prod,
+            "custom" => Environment::Custom,
+            other => {
+                return Err(self.err(
+                    "client.environment",
+                    format!("{other:?} is not one of \"int\", \"prod\", \"custom\""),
+                ))
+            }
+        };
+        let (preset_ips, preset_subject): (&[&str], Option<&str>) = match environment {
+            Environment::Int => (&INT_PROXY_IPS, Some(INT_PROXY_SUBJECT)),
+            Environment::Prod => (&PROD_PROXY_IPS, Some(PROD_PROXY_SUBJECT)),
+            Environment::Custom => (&[], None),
+        };
+        let ips: Vec<String> = match raw.allowed_ips {
+            Some(list) => list,
+            None if environment == Environment::Custom => return Err(self.err(
+                "client.allowed_ips",
+                "required with environment = \"custom\" (or set environment = \"int\" or \"prod\")",
+            )),
+            None => preset_ips.iter().map(|s| s.to_string()).collect(),
+        };
+        if ips.is_empty() {
+            // Fail closed: allowing everyone must be written out.
+            return Err(self.err(
+                "client.allowed_ips",
+                "must not be empty; to allow every address write [\"0.0.0.0/0\", \"::/0\"] explicitly",
+            ));
+        }
+        let allowed_ips = self.cidrs("client.allowed_ips", &ips)?;
+        let subjects: Vec<String> =
+            match raw.allowed_subjects {
+                Some(list) => list,
+                None => match preset_subject {
+                    Some(s) => vec![s.to_string()],
+                    None => return Err(self.err(
+                        "client.allowed_subjects",
+                        "required with environment = \"custom\" (the BaRS proxy certificate's CN)",
+                    )),
+                },
+            };
+        if subjects.is_empty() {
+            return Err(self.err("client.allowed_subjects", "must name at least one subject"));
+        }
+        let mut allowed_subjects = Vec::with_capacity(subjects.len());
+        for (i, s) in subjects.iter().enumerate() {
+            let s = s.trim();
+            if s.is_empty() || s.contains(['=', ',']) {
+                return Err(self.err(
+                    &format!("client.allowed_subjects[{i}]"),
+                    "must be a CN or DNS name like \"bars-proxy.spineservices.nhs.uk\" (not a full DN)",
+                ));
+            }
+            allowed_subjects.push(s.to_ascii_lowercase());
+        }
+        let pinned_fingerprints = raw
+            .pinned_fingerprints
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                parse_pin(p).ok_or_else(|| {
+                    self.err(
+                        &format!("client.pinned_fingerprints[{i}]"),
+                        "must be a SHA-256 (64 hex digits) or SHA-1 (40 hex digits) fingerprint; colons allowed",
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ClientSettings {
+            environment,
+            allowed_ips,
+            allowed_subjects,
+            pinned_fingerprints,
+        })
+    }
+
+    fn upstream_url(&self, key: &str, value: &str) -> Result<UpstreamUrl, ConfigError> {
+        let uri: Uri = value
+            .trim()
+            .parse()
+            .map_err(|e| self.err(key, format!("{value:?} is not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(self.err(
+                key,
+                "must be an http:// URL (the gateway forwards over plain HTTP to the legacy receiver)",
+            ));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| self.err(key, "needs a host"))?
+            .as_str()
+            .to_string();
+        if authority.contains('@') {
+            return Err(self.err(key, "must not carry user information"));
+        }
+        if uri.query().is_some() {
+            return Err(self.err(key, "must not carry a query string"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamUrl {
+            uri,
+            authority,
+            base_path,
+        })
+    }
+
+    fn upstream(&self, raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> {
+        let url = raw
+            .url
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| self.upstream_url("upstream.url", &u))
+            .transpose()?;
+        let mut routes = Vec::new();
+        for (i, r) in raw.route.unwrap_or_default().into_iter().enumerate() {
+            let target: TargetIdentifier = r.target.parse().map_err(|_| {
+                self.err(
+                    &format!("upstream.route[{i}].target"),
+                    "must be \"system|value\", e.g. \"https://fhir.nhs.uk/Id/dos-service-id|2000011147\"",
+                )
+            })?;
+            if routes.iter().any(|(t, _)| t == &target) {
+                return Err(self.err(&format!("upstream.route[{i}].target"), "appears twice"));
+            }
+            routes.push((
+                target,
+                self.upstream_url(&format!("upstream.route[{i}].url"), &r.url)?,
+            ));
+        }
+        if url.is_none() && routes.is_empty() {
+            return Err(self.err(
+                "upstream.url",
+                "required (the legacy receiver, e.g. \"http://127.0.0.1:8080\") unless [[upstream.route]] entries are given",
+            ));
+        }
+        let strip_headers = raw
+            .strip_headers
+            .unwrap_or_else(|| vec!["Authorization".to_string()])
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                HeaderName::from_bytes(h.trim().as_bytes()).map_err(|_| {
+                    self.err(
+                        &format!("upstream.strip_headers[{i}]"),
+                        format!("{h:?} is not a header name"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let max_body = self.size("upstream.max_body", raw.max_body, "10MiB")?;
+        if max_body == 0 {
+            return Err(self.err("upstream.max_body", "must be greater than zero"));
+        }
+        Ok(UpstreamSettings {
+            url,
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                raw.connect_timeout,
+                "2s",
+            )?,
+            request_timeout: self.duration(
+                "upstream.request_timeout",
+                raw.request_timeout,
+                "5s",
+            )?,
+            max_body,
+            strip_headers,
+            routes,
+        })
+    }
+
+    fn bars(&self, raw: RawBars) -> Result<BarsSettings, ConfigError> {
+        let base_path = raw.base_path.unwrap_or_default().trim().to_string();
+        let base_path = base_path.trim_end_matches('/').to_string();
+        if !base_path.is_empty() && !is_clean_prefix(&base_path) {
+            return Err(self.err(
+                "bars.base_path",
+                "must be \"\" or a path like \"/bars/FHIR/R4\" (no dot segments, '%', '?', or '//')",
+            ));
+        }
+        let accepted_major_versions = raw.accepted_major_versions.unwrap_or_else(|| vec![1]);
+        if accepted_major_versions.is_empty() {
+            return Err(self.err(
+                "bars.accepted_major_versions",
+                "must list at least one major version",
+            ));
+        }
+        let entries = match raw.allowed_paths {
+            None => vec!["bars".to_string()],
+            Some(RawAllowedPaths::One(s)) => vec![s],
+            Some(RawAllowedPaths::Many(v)) => v,
+        };
+        if entries.is_empty() {
+            return Err(self.err(
+                "bars.allowed_paths",
+                "must not be empty: use \"bars\" for the BaRS endpoints",
+            ));
+        }
+        let mut bars_endpoints = false;
+        let mut extra_prefixes = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let e = e.trim();
+            if e == "bars" {
+                bars_endpoints = true;
+            } else if is_clean_prefix(e.trim_end_matches('/')) {
+                extra_prefixes.push(e.trim_end_matches('/').to_string());
+            } else {
+                return Err(self.err(
+                    &format!("bars.allowed_paths[{i}]"),
+                    format!("{e:?} must be \"bars\" or a path prefix like \"/Patient\""),
+                ));
+            }
+        }
+        Ok(BarsSettings {
+            base_path,
+            require_identity_headers: raw.require_identity_headers.unwrap_or(true),
+            accepted_major_versions,
+            bars_endpoints,
+            extra_prefixes,
+        })
+    }
+
+    fn admin(&self, raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
+        let address = match raw.address.as_deref().map(str::trim) {
+            Some("") => None,
+            Some(a) => Some(self.socket_addr("admin.address", a)?),
+            None => Some(self.socket_addr("admin.address", "127.0.0.1:9090")?),
+        };
+        Ok(AdminSettings { address })
+    }
+
+    fn log(&self, raw: RawLog) -> Result<LogSettings, ConfigError> {
+        let level = raw.level.unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(self.err(
+                "log.level",
+                format!("{level:?} is not a level (error, warn, info, debug, trace) or filter"),
+            ));
+        }
+        let format = match raw.format.as_deref().unwrap_or("json") {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                return Err(self.err(
+                    "log.format",
+                    format!("{other:?} is not \"json\" or \"text\""),
+                ))
+            }
+        };
+        Ok(LogSettings {
+            level,
+            format,
+            audit: raw.audit.unwrap_or(true),
+        })
+    }
+}
+
+/// A path prefix we are willing to route on: starts with '/', plain segments only.
+fn is_clean_prefix(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() > 1
+        && p[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~$".contains(&b))
+        })
+}
+
+/// Parses a size like `32KiB`, `10MiB`, `1GiB`, `10MB` or a plain byte count.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses a hex fingerprint (colons and case ignored) as SHA-256 or SHA-1.
+pub fn parse_pin(text: &str) -> Option<Pin> {
+    let clean: String = text
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect();
+    let bytes = hex::decode(clean).ok()?;
+    match bytes.len() {
+        32 => Some(Pin::Sha256(bytes.try_into().ok()?)),
+        20 => Some(Pin::Sha1(bytes.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[tls]
+certificate = "server.pem"
+private_key = "/abs/server.key"
+client_ca = ["ca.pem"]
+
+[client]
+environment = "prod"
+
+[upstream]
+url = "http://127.0.0.1:8080/legacy/fhir/"
+"#;
+
+    fn parse_ok(text: &str) -> Settings {
+        parse(text, Path::new("/etc/gw/config.toml")).expect("valid config")
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text, Path::new("/etc/gw/config.toml"))
+            .expect_err("invalid config")
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults_and_prod_presets() {
+        let s = parse_ok(MINIMAL);
+        assert_eq!(s.listen.address, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(s.listen.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.listen.max_header_bytes, 32 * 1024);
+        assert_eq!(s.upstream.request_timeout, Duration::from_secs(5));
+        assert_eq!(s.upstream.max_body, 10 * 1024 * 1024);
+        assert_eq!(s.upstream.strip_headers, vec![http::header::AUTHORIZATION]);
+        assert_eq!(
+            s.client.allowed_ips,
+            vec![
+                "34.89.0.111/32".parse::<IpNet>().unwrap(),
+                "34.89.69.6/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            s.client.allowed_subjects,
+            vec!["bars-proxy.spineservices.nhs.uk"]
+        );
+        let url = s.upstream.url.unwrap();
+        assert_eq!(url.base_path, "/legacy/fhir");
+        assert_eq!(url.authority, "127.0.0.1:8080");
+        assert_eq!(
+            s.tls.identity,
+            ServerIdentitySource::Pem {
+                certificate: "/etc/gw/server.pem".into(),
+                private_key: "/abs/server.key".into(),
+                password_file: None
+            }
+        );
+        assert_eq!(s.tls.client_ca, vec![PathBuf::from("/etc/gw/ca.pem")]);
+        assert_eq!(s.admin.address, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn int_preset_sets_int_addresses_and_subject_and_explicit_keys_win() {
+        let text = MINIMAL.replace("\"prod\"", "\"int\"");
+        let s = parse_ok(&text);
+        assert_eq!(
+            s.client.allowed_ips[0],
+            "35.197.254.55/32".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(s.client.allowed_subjects, vec!["int.api.service.nhs.uk"]);
+        let text = MINIMAL.replace(
+            "environment = \"prod\"",
+            "environment = \"int\"\nallowed_subjects = [\"Other.Example\"]",
+        );
+        let s = parse_ok(&text);
+        assert_eq!(s.client.allowed_subjects, vec!["other.example"]);
+        assert_eq!(s.client.allowed_ips.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_naming_it() {
+        let msg = parse_err(&MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"5s\""));
+        assert!(msg.contains("unknown field `timeout`"), "{msg}");
+        assert!(msg.starts_with("/etc/gw/config.toml: "), "{msg}");
+    }
+
+    #[test]
+    fn empty_allowed_ips_fails_closed() {
+        let msg = parse_err(&MINIMAL.replace(
+            "environment = \"prod\"",
+            "allowed_ips = []\nallowed_subjects=[\"a\"]",
+        ));
+        assert!(msg.contains("client.allowed_ips"), "{msg}");
+        let msg = parse_err(&MINIMAL.replace("environment = \"prod\"", "environment = \"custom\""));
+        assert!(msg.contains("client.allowed_ips: required"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                "[upstream]",
+                "[upstream]\nrequest_timeout = \"soon\"",
+                "upstream.request_timeout",
+            ),
+            (
+                "[upstream]",
+                "[upstream]\nmax_body = \"ten\"",
+                "upstream.max_body",
+            ),
+            (
+                "url = \"http://127.0.0.1:8080/legacy/fhir/\"",
+                "url = \"https://x\"",
+                "upstream.url",
+            ),
+            (
+                "[client]",
+                "[client]\npinned_fingerprints = [\"abc\"]",
+                "client.pinned_fingerprints[0]",
+            ),
+            (
+                "[client]",
+                "[client]\nallowed_subjects = [\"CN=x, O=nhs\"]",
+                "client.allowed_subjects[0]",
+            ),
+            ("[tls]", "[tls]\nmin_version = \"1.1\"", "tls.min_version"),
+            ("[tls]", "[tls]\npkcs12 = \"x.pfx\"", "tls.pkcs12"),
+            (
+                "client_ca = [\"ca.pem\"]",
+                "client_ca = []",
+                "tls.client_ca",
+            ),
+            (
+                "[client]",
+                "[bars]\nallowed_paths = [\"../x\"]\n[client]",
+                "bars.allowed_paths[0]",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let msg = parse_err(&MINIMAL.replace(from, to));
+            assert!(msg.contains(key), "expected {key} in {msg}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_pins_parse() {
+        assert_eq!(parse_size("32KiB"), Some(32768));
+        assert_eq!(parse_size("10MiB"), Some(10 << 20));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("1 GB"), Some(1_000_000_000));
+        assert_eq!(parse_size("MiB"), None);
+        assert!(matches!(
+            parse_pin("CE:78:08:83:9f:72:ea:8e:d4:54:8b:4d:e3:75:46:be:d5:d6:dc:9f"),
+            Some(Pin::Sha1(_))
+        ));
+        assert!(matches!(
+            parse_pin("b51d8a07064b779d6a4e8ada1ec73c8f888b9060c9ff846cab119becb1467d1d"),
+            Some(Pin::Sha256(_))
+        ));
+    }
+
+    #[test]
+    fn allowed_paths_may_widen_the_bars_set() {
+        let s = parse_ok(&MINIMAL.replace(
+            "[client]",
+            "[bars]\nallowed_paths = [\"bars\", \"/Patient/\"]\n[client]",
+        ));
+        assert!(s.bars.bars_endpoints);
+        assert_eq!(s.bars.extra_prefixes, vec!["/Patient"]);
+    }
+}

@@ -1,0 +1,440 @@
+//! The pipeline (DESIGN.md §1), top to bottom: what happens to one connection, then to one request.
+//! Each step is one call into the module that owns it; this file is the order, not the rules.
+//!
+//! ```text
+//! accept ─► admission (PROXY header, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
+//!   request ─► route ─► ids ─► identity headers ─► Accept ─► upstream choice ─► forward ─► response
+//! ```
+//! A refusal at any step becomes an OperationOutcome in `refusal_response`, the only place that
+//! builds one, and every response echoes X-Request-Id and X-Correlation-Id.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
+use crate::bars::routes::RouteTable;
+use crate::bars::{self, Refusal};
+use crate::config::{BarsSettings, ListenSettings};
+use crate::idle::{ActivityIo, IdleWatch};
+use crate::metrics::{Metrics, StatusLabel};
+use crate::tls::{self, LoadedTls};
+use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
+
+/// The header that carries the request id (BaRS).
+pub const X_REQUEST_ID: &str = "x-request-id";
+/// The header that carries the correlation id (BaRS).
+pub const X_CORRELATION_ID: &str = "x-correlation-id";
+
+/// What a reload replaces: TLS material and the admission lists, swapped atomically.
+#[derive(Debug)]
+pub struct LiveState {
+    /// The TLS configuration handshakes use.
+    pub tls: LoadedTls,
+    /// The admission policy connections are checked against.
+    pub admission: AdmissionPolicy,
+}
+
+/// Everything connection and request handling reads; built once at start.
+pub struct Shared {
+    /// Reloadable state; each handshake reads the current one.
+    pub live: ArcSwap<LiveState>,
+    /// The approved paths.
+    pub routes: RouteTable,
+    /// The legacy receivers.
+    pub upstreams: Upstreams,
+    /// BaRS rules.
+    pub bars: BarsSettings,
+    /// Connection limits.
+    pub listen: ListenSettings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Keeps refused-address logs to one line per address per minute.
+    pub refusal_log: RefusalLogLimiter,
+    /// Whether to write one audit record per request.
+    pub audit: bool,
+    /// HTTP server settings, built once from `[listen]`.
+    pub http: auto::Builder<TokioExecutor>,
+}
+
+impl Shared {
+    /// Builds the HTTP/1.1 + h2 server settings from `[listen]`.
+    pub fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(listen.header_read_timeout)
+            .max_buf_size(listen.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(100)
+            .max_header_list_size(listen.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        builder
+    }
+}
+
+/// One admitted, authenticated connection.
+struct Connection {
+    client: SocketAddr,
+    identity: tls::ClientIdentity,
+    forwarded_for: HeaderValue,
+    cert_subject: Option<HeaderValue>,
+    cert_sha256: Option<HeaderValue>,
+}
+
+/// Serves one accepted TCP connection to the end. `shutdown` turns true when the gateway drains.
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let live = shared.live.load_full();
+
+    // 1. Admission: PROXY header from trusted balancers, then the IP allowlist, before any TLS byte.
+    let admitted = match admission::admit_peer(&mut stream, peer, &live.admission).await {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            shared.refusal_log.log_refusal(peer, &e);
+            return;
+        }
+    };
+
+    // 2. TLS-MA handshake with the current configuration; the verifier logs certificate refusals.
+    let acceptor = TlsAcceptor::from(live.tls.server_config.clone());
+    drop(live);
+    let tls_stream = match tokio::time::timeout(
+        shared.listen.header_read_timeout,
+        acceptor.accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = handshake_failure_reason(&e);
+            shared
+                .metrics
+                .tls_handshake_failures
+                .get_or_create(&crate::metrics::ReasonLabel { reason })
+                .inc();
+            if reason != "bad_certificate" {
+                tracing::info!(client = %admitted.client, reason, error = %e, "TLS handshake failed");
+            }
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .tls_handshake_failures
+                .get_or_create(&crate::metrics::ReasonLabel { reason: "timeout" })
+                .inc();
+            tracing::info!(client = %admitted.client, "TLS handshake timed out");
+            return;
+        }
+    };
+
+    // 3. The verified client identity, passed to the legacy receiver with every request.
+    let Some(identity) = tls::client_identity(tls_stream.get_ref().1) else {
+        shared.metrics.reject("no_client_certificate");
+        return;
+    };
+    let conn = Arc::new(Connection {
+        client: admitted.client,
+        forwarded_for: header_value(&admitted.client.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown")),
+        cert_subject: HeaderValue::from_bytes(identity.subject.as_bytes()).ok(),
+        cert_sha256: header_value(&identity.sha256_hex),
+        identity,
+    });
+
+    // 4. HTTP/1.1 or h2 (ALPN) until the client closes, the connection idles out, or we drain.
+    let idle = IdleWatch::new(shared.listen.idle_timeout);
+    let io = TokioIo::new(ActivityIo::new(tls_stream, idle.clone()));
+    let service = {
+        let shared = shared.clone();
+        let idle = idle.clone();
+        service_fn(move |req| {
+            let shared = shared.clone();
+            let conn = conn.clone();
+            let busy = idle.busy();
+            async move {
+                let response = handle_request(&shared, &conn, req).await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let http = shared.http.clone();
+    let connection = http.serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = idle.expired(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = crate::drained(&mut shutdown), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls_err) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    match tls_err {
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::InvalidMessage(_) => "invalid_message",
+        _ => "other",
+    }
+}
+
+/// Handles one request: runs the checks, forwards or refuses, echoes the ids, counts and audits.
+async fn handle_request(
+    shared: &Shared,
+    conn: &Connection,
+    request: Request<Incoming>,
+) -> Response<GatewayBody> {
+    let started = Instant::now();
+    let echo = EchoIds::from_headers(request.headers());
+    let mut audit = AuditRecord::new(conn, &request);
+    let mut response = match check_and_forward(shared, conn, request, &mut audit).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            shared.metrics.reject(refusal.reason());
+            audit.refusal = Some(refusal.clone());
+            refusal_response(&refusal)
+        }
+    };
+    echo.apply(response.headers_mut());
+    let status = response.status();
+    shared
+        .metrics
+        .requests
+        .get_or_create(&StatusLabel {
+            status: status.as_u16(),
+        })
+        .inc();
+    audit.finish(shared.audit, status.as_u16(), started.elapsed());
+    response
+}
+
+/// The request checks of DESIGN.md §1, in order; the first failure wins.
+async fn check_and_forward(
+    shared: &Shared,
+    conn: &Connection,
+    request: Request<Incoming>,
+    audit: &mut AuditRecord,
+) -> Result<Response<GatewayBody>, Refusal> {
+    // Route: a known method and path under the BaRS base path (404 / 405 / 400 for unsafe paths).
+    let route = shared.routes.resolve(request.method(), request.uri())?;
+    audit.endpoint = Some(route.endpoint.name());
+
+    // Ids: X-Request-Id and X-Correlation-Id present and UUIDs (400).
+    let ids = bars::ids::read_request_ids(request.headers())?;
+    audit.request_id = Some(ids.request_id.to_string());
+    audit.correlation_id = Some(ids.correlation_id.to_string());
+
+    // Identity headers: NHSD-* decoded and validated, required per endpoint (400).
+    let identity = bars::identity::decode_identity_headers(
+        request.headers(),
+        route
+            .endpoint
+            .identity_requirements(shared.bars.require_identity_headers),
+    )?;
+    audit.target = identity.target.as_ref().map(|t| t.to_string());
+    audit.ods_code = identity.organisation.as_ref().map(|o| o.ods_code.0.clone());
+    audit.software = identity.software.as_ref().and_then(|s| s.id.clone());
+
+    // Accept: the major version asked for is served (406).
+    bars::accept::check_accept(request.headers(), &shared.bars.accepted_major_versions)?;
+
+    // Upstream: by NHSD-Target-Identifier, else the default (404 when none serves the target).
+    let upstream = shared.upstreams.select(identity.target.as_ref())?;
+
+    // Forward: stream the request, return the answer (408 / 413 / 503 on failure).
+    let added = ForwardedHeaders {
+        forwarded_for: conn.forwarded_for.clone(),
+        cert_subject: conn.cert_subject.clone(),
+        cert_sha256: conn.cert_sha256.clone(),
+        bars_target: audit.target.as_deref().and_then(header_value),
+        ods_code: audit.ods_code.as_deref().and_then(header_value),
+    };
+    let forwarded_at = Instant::now();
+    let result = shared
+        .upstreams
+        .forward(upstream, request, &route.path_and_query, &added)
+        .await;
+    let elapsed = forwarded_at.elapsed();
+    shared
+        .metrics
+        .upstream_duration
+        .observe(elapsed.as_secs_f64());
+    audit.upstream_duration = Some(elapsed);
+    result
+}
+
+/// Renders a refusal as the HTTP response the client gets: the one place that does.
+pub fn refusal_response(refusal: &Refusal) -> Response<GatewayBody> {
+    let body = serde_json::to_vec(&refusal.to_operation_outcome()).unwrap_or_default();
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = refusal.status();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    if let Some(allow) = refusal.allow().and_then(header_value) {
+        response.headers_mut().insert(ALLOW, allow);
+    }
+    response
+}
+
+fn header_value(text: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(text).ok()
+}
+
+/// The request's ids as sent, echoed on every response (senders retry when they are missing).
+struct EchoIds {
+    request_id: Option<HeaderValue>,
+    correlation_id: Option<HeaderValue>,
+}
+
+impl EchoIds {
+    fn from_headers(headers: &HeaderMap) -> EchoIds {
+        EchoIds {
+            request_id: headers.get(X_REQUEST_ID).cloned(),
+            correlation_id: headers.get(X_CORRELATION_ID).cloned(),
+        }
+    }
+
+    fn apply(self, headers: &mut HeaderMap) {
+        for (name, value) in [
+            (X_REQUEST_ID, self.request_id),
+            (X_CORRELATION_ID, self.correlation_id),
+        ] {
+            match value {
+                Some(v) => {
+                    headers.insert(name, v);
+                }
+                None => {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+}
+
+/// One audit record per request (log target `audit`): who, what, outcome. Never bodies, never
+/// decoded data beyond the identifiers listed here.
+struct AuditRecord {
+    client: SocketAddr,
+    cert_subject: String,
+    cert_sha256: String,
+    method: String,
+    path: String,
+    endpoint: Option<&'static str>,
+    request_id: Option<String>,
+    correlation_id: Option<String>,
+    target: Option<String>,
+    ods_code: Option<String>,
+    software: Option<String>,
+    refusal: Option<Refusal>,
+    upstream_duration: Option<Duration>,
+}
+
+impl AuditRecord {
+    fn new(conn: &Connection, request: &Request<Incoming>) -> AuditRecord {
+        AuditRecord {
+            client: conn.client,
+            cert_subject: conn.identity.subject.clone(),
+            cert_sha256: conn.identity.sha256_hex.clone(),
+            method: request.method().to_string(),
+            path: request.uri().path().to_string(),
+            endpoint: None,
+            request_id: None,
+            correlation_id: None,
+            target: None,
+            ods_code: None,
+            software: None,
+            refusal: None,
+            upstream_duration: None,
+        }
+    }
+
+    fn finish(self, audit: bool, status: u16, total: Duration) {
+        let bars_code = self.refusal.as_ref().map(Refusal::bars_code);
+        let diagnostics = self.refusal.as_ref().map(|r| r.to_string());
+        if !audit {
+            if let Some(refusal) = &self.refusal {
+                tracing::info!(
+                    client = %self.client.ip(),
+                    request_id = self.request_id.as_deref().unwrap_or("-"),
+                    correlation_id = self.correlation_id.as_deref().unwrap_or("-"),
+                    status,
+                    reason = refusal.reason(),
+                    diagnostics = diagnostics.as_deref().unwrap_or(""),
+                    "request refused"
+                );
+            }
+            return;
+        }
+        tracing::info!(
+            target: "audit",
+            client = %self.client.ip(),
+            cert_subject = %self.cert_subject,
+            cert_sha256 = %self.cert_sha256,
+            method = %self.method,
+            path = %self.path,
+            endpoint = self.endpoint.unwrap_or("-"),
+            request_id = self.request_id.as_deref().unwrap_or("-"),
+            correlation_id = self.correlation_id.as_deref().unwrap_or("-"),
+            target = self.target.as_deref().unwrap_or("-"),
+            ods_code = self.ods_code.as_deref().unwrap_or("-"),
+            software = self.software.as_deref().unwrap_or("-"),
+            status,
+            bars_code = bars_code.unwrap_or("-"),
+            diagnostics = diagnostics.as_deref().unwrap_or(""),
+            upstream_ms = self.upstream_duration.map(|d| d.as_millis() as u64),
+            total_ms = total.as_millis() as u64,
+            "request"
+        );
+    }
+}

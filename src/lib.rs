@@ -1,0 +1,354 @@
+//! bars-gateway: a TLS-MA reverse-proxy sidecar that makes a legacy NHS system a BaRS receiver.
+//!
+//! [`Gateway::bind`] loads and validates everything, binds the listeners and returns a handle;
+//! [`Gateway::serve`] runs until its shutdown future resolves, then drains. The order of checks
+//! each connection and request goes through lives in [`gateway`].
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod admission;
+pub mod bars;
+pub mod check;
+pub mod config;
+pub mod gateway;
+pub mod idle;
+pub mod metrics;
+pub mod tls;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use admission::{AdmissionPolicy, IpAllowlist, RefusalLogLimiter};
+use config::{LogFormat, LogSettings, Settings};
+use gateway::{LiveState, Shared};
+use metrics::{Metrics, ResultLabel};
+use tls::material::MaterialError;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material is missing or invalid.
+    #[error(transparent)]
+    Tls(#[from] MaterialError),
+    /// A listener could not be bound.
+    #[error("{key}: cannot listen on {address}: {source}")]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound, ready-to-serve gateway.
+pub struct Gateway {
+    settings: Settings,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    registry: Arc<Registry>,
+    readiness: Arc<admin::Readiness>,
+}
+
+/// Triggers reloads of the TLS material and admission lists of a running gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    settings: Settings,
+    shared: Arc<Shared>,
+}
+
+fn admission_policy(settings: &Settings) -> AdmissionPolicy {
+    AdmissionPolicy {
+        allowed_ips: IpAllowlist::new(settings.client.allowed_ips.clone()),
+        trusted_proxies: IpAllowlist::new(settings.listen.trusted_proxies.clone()),
+        proxy_header_timeout: settings.listen.header_read_timeout,
+    }
+}
+
+impl Gateway {
+    /// Loads TLS material, binds the public and admin listeners. Must run inside a Tokio runtime.
+    pub async fn bind(settings: Settings) -> Result<Gateway, StartError> {
+        let tls_settings = settings.tls.clone();
+        let client_settings = settings.client.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || tls::load(&tls_settings, &client_settings))
+                .await
+                .map_err(|e| MaterialError {
+                    key: "tls".into(),
+                    path: Default::default(),
+                    problem: format!("loading task failed: {e}"),
+                })??;
+        let (metrics, registry) = Metrics::new();
+        metrics.record_certificates(&loaded);
+        let readiness = Arc::new(admin::Readiness::default());
+        readiness.set_tls_loaded();
+        let listener = TcpListener::bind(settings.listen.address)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: "listen.address",
+                address: settings.listen.address,
+                source,
+            })?;
+        let admin = match settings.admin.address {
+            Some(address) => {
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            key: "admin.address",
+                            address,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            live: ArcSwap::from_pointee(LiveState {
+                tls: loaded,
+                admission: admission_policy(&settings),
+            }),
+            routes: bars::routes::RouteTable::new(
+                &settings.bars.base_path,
+                settings.bars.bars_endpoints,
+                settings.bars.extra_prefixes.clone(),
+            ),
+            upstreams: upstream::Upstreams::new(&settings.upstream),
+            bars: settings.bars.clone(),
+            listen: settings.listen.clone(),
+            metrics: Arc::new(metrics),
+            refusal_log: RefusalLogLimiter::new(Duration::from_secs(60), 10_000),
+            audit: settings.log.audit,
+            http: Shared::http_builder(&settings.listen),
+        });
+        Ok(Gateway {
+            settings,
+            shared,
+            listener,
+            admin,
+            registry: Arc::new(registry),
+            readiness,
+        })
+    }
+
+    /// The bound public address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // Safe: a bound TcpListener always has a local address.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.settings.listen.address)
+    }
+
+    /// The bound admin address, if the admin listener is enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The metrics, for tests and embedding.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// A handle that reloads TLS material and admission lists.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            settings: self.settings.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets connections finish their
+    /// requests for up to `listen.shutdown_grace`.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Gateway {
+            settings,
+            shared,
+            listener,
+            admin,
+            registry,
+            readiness,
+        } = self;
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        if let Some(admin_listener) = admin {
+            tokio::spawn(admin::serve(
+                admin_listener,
+                registry,
+                readiness.clone(),
+                drain_rx.clone(),
+            ));
+        }
+        tokio::spawn(readiness.probe_upstreams(
+            shared.upstreams.authorities(),
+            settings.upstream.connect_timeout,
+            drain_rx.clone(),
+        ));
+        let limit = Arc::new(Semaphore::new(settings.listen.max_connections));
+        tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "bars-gateway listening");
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                shared.metrics.reject("max_connections");
+                if shared.refusal_log.should_log(peer.ip(), Instant::now()) {
+                    tracing::warn!(peer = %peer, reason = "max_connections", "connection refused");
+                }
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = shared.clone();
+            let drain = drain_rx.clone();
+            let alive = alive_tx.clone();
+            tokio::spawn(async move {
+                shared.metrics.connections_open.inc();
+                gateway::serve_connection(shared.clone(), stream, peer, drain).await;
+                shared.metrics.connections_open.dec();
+                drop(permit);
+                drop(alive);
+            });
+        }
+        tracing::info!(grace = ?settings.listen.shutdown_grace, "draining: no new connections, finishing requests in flight");
+        drop(listener);
+        let _ = drain_tx.send(true);
+        drop(alive_tx);
+        // recv() returns None once every connection task has dropped its sender.
+        if tokio::time::timeout(settings.listen.shutdown_grace, alive_rx.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace expired with connections still open");
+        }
+        tracing::info!("bars-gateway stopped");
+    }
+}
+
+impl Reloader {
+    /// Reloads TLS material from disk. On failure the old material stays in service.
+    pub async fn reload(&self) -> Result<(), MaterialError> {
+        let tls_settings = self.settings.tls.clone();
+        let client_settings = self.settings.client.clone();
+        let result =
+            tokio::task::spawn_blocking(move || tls::load(&tls_settings, &client_settings))
+                .await
+                .map_err(|e| MaterialError {
+                    key: "tls".into(),
+                    path: Default::default(),
+                    problem: format!("loading task failed: {e}"),
+                })
+                .and_then(|r| r);
+        match result {
+            Ok(loaded) => {
+                self.shared.metrics.record_certificates(&loaded);
+                self.shared.live.store(Arc::new(LiveState {
+                    tls: loaded,
+                    admission: admission_policy(&self.settings),
+                }));
+                self.shared
+                    .metrics
+                    .reloads
+                    .get_or_create(&ResultLabel { result: "success" })
+                    .inc();
+                tracing::info!("TLS material reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .reloads
+                    .get_or_create(&ResultLabel { result: "failure" })
+                    .inc();
+                tracing::error!(error = %e, "reload failed; the previous TLS material stays in service");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
+pub fn init_logging(log: &LogSettings) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(&log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs the gateway from validated settings until SIGTERM or SIGINT; SIGHUP reloads TLS material.
+pub async fn run(settings: Settings) -> Result<(), StartError> {
+    let gateway = Gateway::bind(settings).await?;
+    let reloader = gateway.reloader();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading TLS material");
+            let _ = reloader.reload().await;
+        }
+    });
+    gateway.serve(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the gateway can only be killed; keep serving.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Resolves once the drain flag turns true (or its sender is gone).
+pub(crate) async fn drained(flag: &mut watch::Receiver<bool>) {
+    loop {
+        if *flag.borrow_and_update() {
+            return;
+        }
+        if flag.changed().await.is_err() {
+            return;
+        }
+    }
+}

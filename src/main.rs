@@ -1,0 +1,77 @@
+//! The `bars-gateway` command line: `run`, `check`. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bars-gateway",
+    version,
+    about = "TLS-MA reverse proxy that makes a legacy system a BaRS receiver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM/SIGINT (SIGHUP reloads TLS material).
+    Run {
+        /// Config file.
+        #[arg(long, env = "BARS_GATEWAY_CONFIG", default_value = bars_gateway::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate the config and TLS material and print a report; exit 0 if usable, 1 if not.
+    Check {
+        /// Config file.
+        #[arg(long, env = "BARS_GATEWAY_CONFIG", default_value = bars_gateway::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    // clap exits with 2 on usage errors, as DESIGN.md §2 asks.
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => {
+            let report = bars_gateway::check::check(&config);
+            print!("{}", report.text);
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Command::Run { config } => {
+            let settings = match bars_gateway::config::load(&config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("bars-gateway: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            bars_gateway::init_logging(&settings.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("bars-gateway: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(bars_gateway::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    eprintln!("bars-gateway: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

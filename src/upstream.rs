@@ -1,0 +1,337 @@
+//! Forwarding to the legacy receiver over plain HTTP/1.1: one pooled client per upstream, request
+//! and response header rewriting, the body limit, and upstream failures as BaRS refusals.
+//!
+//! The request is always re-serialised by hyper's client (never the client's raw framing), so a
+//! legacy server behind only ever sees clean HTTP/1.1.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::bars::identity::TargetIdentifier;
+use crate::bars::Refusal;
+use crate::config::{UpstreamSettings, UpstreamUrl};
+
+/// A boxed error for bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the gateway sends.
+pub type GatewayBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Headers the gateway sets for the legacy receiver; any copy a client sends is removed first so
+/// they cannot be spoofed (DESIGN.md §4).
+pub const GATEWAY_OWNED_HEADERS: [&str; 10] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "forwarded",
+    "x-client-cert-subject",
+    "x-client-cert-sha256",
+    "x-bars-target",
+    "x-bars-ods-code",
+];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and their old companions: never forwarded either way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// What the gateway adds to a forwarded request.
+#[derive(Debug, Clone)]
+pub struct ForwardedHeaders {
+    /// `X-Forwarded-For`: the admitted client address.
+    pub forwarded_for: HeaderValue,
+    /// `X-Client-Cert-Subject`.
+    pub cert_subject: Option<HeaderValue>,
+    /// `X-Client-Cert-Sha256`.
+    pub cert_sha256: Option<HeaderValue>,
+    /// `X-BaRS-Target` (`system|value`).
+    pub bars_target: Option<HeaderValue>,
+    /// `X-BaRS-Ods-Code`.
+    pub ods_code: Option<HeaderValue>,
+}
+
+/// One legacy receiver: its base URL and its own connection pool.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    url: UpstreamUrl,
+    client: Client<HttpConnector, GatewayBody>,
+}
+
+/// Every configured upstream, chosen per request by NHSD-Target-Identifier.
+#[derive(Debug)]
+pub struct Upstreams {
+    default: Option<Upstream>,
+    by_target: HashMap<String, Upstream>,
+    request_timeout: Duration,
+    max_body: u64,
+    strip_headers: Vec<HeaderName>,
+}
+
+impl Upstreams {
+    /// Builds a pooled client per upstream. Needs a Tokio runtime.
+    pub fn new(settings: &UpstreamSettings) -> Upstreams {
+        let make = |url: &UpstreamUrl| {
+            let mut connector = HttpConnector::new();
+            connector.set_connect_timeout(Some(settings.connect_timeout));
+            connector.set_nodelay(true);
+            connector.enforce_http(true);
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(256)
+                .build(connector);
+            Upstream {
+                url: url.clone(),
+                client,
+            }
+        };
+        Upstreams {
+            default: settings.url.as_ref().map(make),
+            by_target: settings
+                .routes
+                .iter()
+                .map(|(target, url)| (target.to_string(), make(url)))
+                .collect(),
+            request_timeout: settings.request_timeout,
+            max_body: settings.max_body,
+            strip_headers: settings.strip_headers.clone(),
+        }
+    }
+
+    /// The upstream for a request's target: its route, else the default, else 404.
+    pub fn select(&self, target: Option<&TargetIdentifier>) -> Result<&Upstream, Refusal> {
+        if !self.by_target.is_empty() {
+            if let Some(up) = target.and_then(|t| self.by_target.get(&t.to_string())) {
+                return Ok(up);
+            }
+        }
+        self.default.as_ref().ok_or(Refusal::UnknownTarget)
+    }
+
+    /// `host:port` of every upstream, for the readiness probe.
+    pub fn authorities(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .default
+            .iter()
+            .chain(self.by_target.values())
+            .map(|u| u.url.authority.clone())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// The configured body limit.
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
+    /// Forwards a request whose route and headers passed every check. `path_and_query` is the
+    /// approved path (relative to the BaRS base path) and query.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        request: Request<Incoming>,
+        path_and_query: &str,
+        added: &ForwardedHeaders,
+    ) -> Result<Response<GatewayBody>, Refusal> {
+        let (mut parts, body) = request.into_parts();
+        if let Some(len) = content_length(&parts.headers) {
+            if len > self.max_body {
+                return Err(Refusal::BodyTooLarge {
+                    limit: self.max_body,
+                });
+            }
+        }
+        let uri: Uri = format!(
+            "http://{}{}{}",
+            upstream.url.authority, upstream.url.base_path, path_and_query
+        )
+        .parse()
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot build the upstream URI");
+            Refusal::Internal
+        })?;
+        rewrite_request_headers(&mut parts.headers, &self.strip_headers, added);
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let body = Limited::new(body, self.max_body as usize)
+            .map_err(|e| e as BoxError)
+            .boxed_unsync();
+        let outgoing = Request::from_parts(parts, body);
+
+        let response = match tokio::time::timeout(
+            self.request_timeout,
+            upstream.client.request(outgoing),
+        )
+        .await
+        {
+            Err(_elapsed) => {
+                tracing::warn!(upstream = %upstream.url.authority, "upstream did not answer in time");
+                return Err(Refusal::UpstreamTimeout);
+            }
+            Ok(Err(e)) => {
+                if error_chain_has::<http_body_util::LengthLimitError>(&e) {
+                    return Err(Refusal::BodyTooLarge {
+                        limit: self.max_body,
+                    });
+                }
+                tracing::warn!(upstream = %upstream.url.authority, error = %error_chain(&e), "upstream request failed");
+                return Err(Refusal::UpstreamUnavailable);
+            }
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        ))
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Prepares request headers for the legacy receiver: hop-by-hop, `Host`, configured and
+/// gateway-owned headers removed; the gateway's own added.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    strip: &[HeaderName],
+    added: &ForwardedHeaders,
+) {
+    remove_hop_by_hop(headers);
+    // hyper's client sets Host from the upstream URI, as nginx's proxy_pass does by default.
+    headers.remove(header::HOST);
+    for name in strip {
+        headers.remove(name);
+    }
+    for name in GATEWAY_OWNED_HEADERS {
+        headers.remove(name);
+    }
+    headers.insert("x-forwarded-for", added.forwarded_for.clone());
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    let optional = [
+        ("x-client-cert-subject", &added.cert_subject),
+        ("x-client-cert-sha256", &added.cert_sha256),
+        ("x-bars-target", &added.bars_target),
+        ("x-bars-ods-code", &added.ods_code),
+    ];
+    for (name, value) in optional {
+        if let Some(v) = value {
+            headers.insert(name, v.clone());
+        }
+    }
+}
+
+fn error_chain_has<E: std::error::Error + 'static>(
+    err: &(dyn std::error::Error + 'static),
+) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<E>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn added() -> ForwardedHeaders {
+        ForwardedHeaders {
+            forwarded_for: HeaderValue::from_static("34.89.0.111"),
+            cert_subject: Some(HeaderValue::from_static(
+                "CN=bars-proxy.spineservices.nhs.uk",
+            )),
+            cert_sha256: Some(HeaderValue::from_static("ab")),
+            bars_target: None,
+            ods_code: None,
+        }
+    }
+
+    #[test]
+    fn spoofed_gateway_headers_are_replaced_and_stripped_headers_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-client-cert-subject", HeaderValue::from_static("CN=evil"));
+        h.insert("x-bars-target", HeaderValue::from_static("evil|1"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("gateway"));
+        h.insert("nhsd-target-identifier", HeaderValue::from_static("abc"));
+        rewrite_request_headers(&mut h, &[header::AUTHORIZATION], &added());
+        assert_eq!(h["x-forwarded-for"], "34.89.0.111");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(
+            h["x-client-cert-subject"],
+            "CN=bars-proxy.spineservices.nhs.uk"
+        );
+        assert!(h.get("x-bars-target").is_none());
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::HOST).is_none());
+        assert_eq!(
+            h["nhsd-target-identifier"], "abc",
+            "NHSD headers pass untouched"
+        );
+    }
+}
