@@ -7,7 +7,7 @@
 //! and the rule broken, never the decoded content.
 //!
 //! The JSON is read into small typed structs whose fields accept *any* JSON value and record what
-//! they saw (see [`Text`], [`Kind`], [`Array`], [`Object`]); no `serde_json::Value` tree is built,
+//! they saw (see `Text`, `Kind`, `Array`, `Object` below); no `serde_json::Value` tree is built,
 //! strings are borrowed from the decode buffer, and the shape rules below can then say precisely
 //! what is wrong instead of relaying serde's messages (which can quote the offending value).
 
@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
 use base64::Engine as _;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::bars::errors::Refusal;
@@ -32,15 +32,39 @@ pub const NHSD_REQUESTING_SOFTWARE: &str = "NHSD-Requesting-Software";
 /// `NHSD-Requesting-Practitioner`: the user, when known (a FHIR PractitionerRole).
 pub const NHSD_REQUESTING_PRACTITIONER: &str = "NHSD-Requesting-Practitioner";
 
+/// A header's lookup key (pre-parsed: looking up by `&str` parses and lower-cases the name on
+/// every request) and its name as diagnostics spell it.
+struct Header {
+    key: HeaderName,
+    name: &'static str,
+}
+
+static TARGET: Header = Header {
+    key: HeaderName::from_static("nhsd-target-identifier"),
+    name: NHSD_TARGET_IDENTIFIER,
+};
+static ORGANISATION: Header = Header {
+    key: HeaderName::from_static("nhsd-end-user-organisation"),
+    name: NHSD_END_USER_ORGANISATION,
+};
+static SOFTWARE: Header = Header {
+    key: HeaderName::from_static("nhsd-requesting-software"),
+    name: NHSD_REQUESTING_SOFTWARE,
+};
+static PRACTITIONER: Header = Header {
+    key: HeaderName::from_static("nhsd-requesting-practitioner"),
+    name: NHSD_REQUESTING_PRACTITIONER,
+};
+
 /// The identifier system of an ODS organisation code (BaRS Organization identifier).
 pub const ODS_ORGANIZATION_CODE_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 
 /// Longest header value decoded. The spec's examples are under 400 bytes; the bound keeps a hostile
 /// header from costing more than a few microseconds.
 const MAX_ENCODED_LEN: usize = 8 * 1024;
-/// Room for the decoded bytes of a [`MAX_ENCODED_LEN`] value (3 bytes per 4 symbols, plus slack for
-/// the decoder's rounding up of a final partial quad).
-const DECODED_CAPACITY: usize = MAX_ENCODED_LEN / 4 * 3 + 3;
+/// Decoded bytes kept on the stack: the spec's examples decode to under 300 bytes; larger values
+/// (up to [`MAX_ENCODED_LEN`]) decode into a heap buffer instead.
+const STACK_DECODE_CAPACITY: usize = 1024;
 /// Deepest `[`/`{` nesting accepted. The deepest BaRS header (PractitionerRole `code[].coding[]`)
 /// nests 5 deep; serde_json's own limit is 128, far more than any identity header needs.
 const MAX_DEPTH: usize = 16;
@@ -149,16 +173,17 @@ pub fn decode_identity_headers(
     headers: &HeaderMap,
     required: IdentityRequirements,
 ) -> Result<IdentityHeaders, Refusal> {
-    let target = single_value(headers, NHSD_TARGET_IDENTIFIER, required.target)?
+    let target = single_value(headers, &TARGET, required.target)?
         .map(decode_target)
         .transpose()?;
-    let organisation = single_value(headers, NHSD_END_USER_ORGANISATION, required.organisation)?
+    let organisation = single_value(headers, &ORGANISATION, required.organisation)?
         .map(decode_organisation)
         .transpose()?;
-    let software = single_value(headers, NHSD_REQUESTING_SOFTWARE, required.software)?
+    let software = single_value(headers, &SOFTWARE, required.software)?
         .map(decode_software)
         .transpose()?;
-    let practitioner_present = match single_value(headers, NHSD_REQUESTING_PRACTITIONER, false)? {
+    let practitioner = single_value(headers, &PRACTITIONER, false)?;
+    let practitioner_present = match practitioner {
         Some(value) => {
             decode_practitioner(value)?;
             true
@@ -177,14 +202,16 @@ pub fn decode_identity_headers(
 /// which copy the legacy system would read is unknown, so either choice could bypass a check.
 fn single_value<'h>(
     headers: &'h HeaderMap,
-    name: &'static str,
+    header: &Header,
     required: bool,
 ) -> Result<Option<&'h HeaderValue>, Refusal> {
-    let mut values = headers.get_all(name).iter();
+    let mut values = headers.get_all(&header.key).iter();
     match (values.next(), values.next()) {
-        (None, _) if required => Err(Refusal::MissingHeader { header: name }),
+        (None, _) if required => Err(Refusal::MissingHeader {
+            header: header.name,
+        }),
         (None, _) => Ok(None),
-        (Some(_), Some(_)) => Err(malformed(name, "sent more than once")),
+        (Some(_), Some(_)) => Err(malformed(header.name, "sent more than once")),
         (Some(value), None) => Ok(Some(value)),
     }
 }
@@ -303,12 +330,20 @@ fn with_decoded_json<T>(
     if encoded.is_empty() {
         return Err(malformed(header, "is empty"));
     }
-    // On the stack: this runs on every request, and the bound above makes the size known.
-    let mut buffer = [0u8; DECODED_CAPACITY];
+    // This runs on every request: typical values decode on the stack, without an allocation.
+    let needed = base64::decoded_len_estimate(encoded.len());
+    let mut stack = [0u8; STACK_DECODE_CAPACITY];
+    let mut heap = Vec::new();
+    let buffer: &mut [u8] = if needed <= STACK_DECODE_CAPACITY {
+        &mut stack[..needed]
+    } else {
+        heap.resize(needed, 0);
+        &mut heap
+    };
     // Standard alphabet only: URL-safe `-`/`_` and anything else fail here (BARS-CONTEXT.md:
     // "accept standard Base64 with or without padding ... reject everything else").
     let len = STANDARD_PAD_INDIFFERENT
-        .decode_slice(encoded, &mut buffer)
+        .decode_slice(encoded, buffer)
         .map_err(|_| malformed(header, "is not valid Base64"))?;
     let decoded = &buffer[..len];
     let json = std::str::from_utf8(decoded).map_err(|_| malformed(header, "is not UTF-8"))?;
@@ -318,6 +353,11 @@ fn with_decoded_json<T>(
 
 /// Refuses JSON nested deeper than [`MAX_DEPTH`] in one pass over the bytes, before serde recurses.
 fn check_nesting(json: &[u8]) -> Result<(), ()> {
+    // Fast path (vectorised count): with no more opening brackets than the limit, in strings or
+    // not, the nesting cannot exceed it. Real headers have under ten.
+    if json.iter().filter(|&&b| b == b'[' || b == b'{').count() <= MAX_DEPTH {
+        return Ok(());
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -439,7 +479,12 @@ fn non_empty_text<'t>(
 /// Extracted values become forwarded headers (`X-BaRS-Target`, `X-BaRS-Ods-Code`) and log fields:
 /// a JSON-escaped CR, LF or NUL must not reach either.
 fn check_no_control(header: &'static str, text: &str, name: &str) -> Result<(), Refusal> {
-    if text.chars().any(char::is_control) {
+    let has_control = if text.is_ascii() {
+        text.bytes().any(|b| b.is_ascii_control())
+    } else {
+        text.chars().any(char::is_control)
+    };
+    if has_control {
         Err(malformed(
             header,
             &format!("{name} contains control characters"),

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use uuid::Uuid;
 
 use crate::bars::errors::Refusal;
@@ -11,6 +11,10 @@ use crate::bars::errors::Refusal;
 pub const X_REQUEST_ID: &str = "X-Request-Id";
 /// The `X-Correlation-Id` header name, as BaRS spells it in diagnostics.
 pub const X_CORRELATION_ID: &str = "X-Correlation-Id";
+
+// Pre-parsed: looking a header up by `&str` parses and lower-cases the name on every request.
+static REQUEST_ID_NAME: HeaderName = HeaderName::from_static("x-request-id");
+static CORRELATION_ID_NAME: HeaderName = HeaderName::from_static("x-correlation-id");
 
 /// One network request's id: BaRS uses it to de-duplicate repeated requests (IG "Transactional
 /// integrity"), so it is the dedup key.
@@ -50,8 +54,12 @@ pub struct RequestIds {
 /// accepted, in either case: the simple, braced and `urn:uuid:` forms that `Uuid::parse_str` also
 /// takes would let one id be spelled several ways, and senders never use them.
 pub fn read_request_ids(headers: &HeaderMap) -> Result<RequestIds, Refusal> {
-    let request_id = RequestId(read_uuid_header(headers, X_REQUEST_ID)?);
-    let correlation_id = CorrelationId(read_uuid_header(headers, X_CORRELATION_ID)?);
+    let request_id = RequestId(read_uuid_header(headers, &REQUEST_ID_NAME, X_REQUEST_ID)?);
+    let correlation_id = CorrelationId(read_uuid_header(
+        headers,
+        &CORRELATION_ID_NAME,
+        X_CORRELATION_ID,
+    )?);
     Ok(RequestIds {
         request_id,
         correlation_id,
@@ -59,8 +67,12 @@ pub fn read_request_ids(headers: &HeaderMap) -> Result<RequestIds, Refusal> {
 }
 
 /// Reads one header that must hold exactly one hyphenated UUID.
-fn read_uuid_header(headers: &HeaderMap, name: &'static str) -> Result<Uuid, Refusal> {
-    let mut values = headers.get_all(name).iter();
+fn read_uuid_header(
+    headers: &HeaderMap,
+    key: &HeaderName,
+    name: &'static str,
+) -> Result<Uuid, Refusal> {
+    let mut values = headers.get_all(key).iter();
     let Some(value) = values.next() else {
         return Err(Refusal::MissingHeader { header: name });
     };
@@ -69,7 +81,7 @@ fn read_uuid_header(headers: &HeaderMap, name: &'static str) -> Result<Uuid, Ref
         return Err(malformed(name, "sent more than once"));
     }
     let bytes = value.as_bytes();
-    if !bytes.iter().all(|b| b.is_ascii_graphic()) {
+    if !bytes.iter().all(u8::is_ascii_graphic) {
         return Err(malformed(name, "must be visible ASCII"));
     }
     parse_hyphenated_uuid(bytes)

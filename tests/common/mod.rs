@@ -1,0 +1,642 @@
+//! Shared end-to-end harness: a PKI shaped like the NHS one (root → sub-CA → leaves, made with
+//! rcgen), a counting upstream, the gateway in-process on port 0, and a real TLS client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bars_gateway::config::Settings;
+use bars_gateway::Gateway;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SerialNumber,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+
+/// The CN the BaRS PROD proxy presents (BARS-CONTEXT.md).
+pub const PROXY_CN: &str = "bars-proxy.spineservices.nhs.uk";
+/// Serial number of the revoked client certificate.
+pub const REVOKED_SERIAL: u64 = 0x0666;
+
+/// The client certificates the PKI issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCert {
+    /// The BaRS proxy: CN bars-proxy.spineservices.nhs.uk, O=nhs, OU=Devices, no SAN.
+    Proxy,
+    /// Chains fine but has another CN.
+    WrongSubject,
+    /// The proxy's CN, but expired.
+    Expired,
+    /// The proxy's CN, revoked by the sub-CA's CRL.
+    Revoked,
+    /// The proxy's CN, issued by a CA the gateway does not trust.
+    Rogue,
+    /// The proxy's CN, issued by an impostor CA with exactly the trusted sub-CA's name.
+    Impostor,
+}
+
+impl ClientCert {
+    fn file_stem(self) -> &'static str {
+        match self {
+            ClientCert::Proxy => "client-proxy",
+            ClientCert::WrongSubject => "client-wrong-subject",
+            ClientCert::Expired => "client-expired",
+            ClientCert::Revoked => "client-revoked",
+            ClientCert::Rogue => "client-rogue",
+            ClientCert::Impostor => "client-impostor",
+        }
+    }
+}
+
+/// A throwaway PKI written to a temp dir.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "nhs");
+    dn.push(DnType::OrganizationalUnitName, "CA");
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+fn client_params(cn: &str, serial: u64) -> CertificateParams {
+    // The NHS proxy certificates have no subjectAltName: identity is the CN.
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "nhs");
+    dn.push(DnType::OrganizationalUnitName, "Devices");
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.serial_number = Some(SerialNumber::from(serial));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+impl TestPki {
+    /// Root → sub-CA → server leaf (localhost) and the client certificates of [`ClientCert`],
+    /// plus a CRL from the sub-CA revoking [`ClientCert::Revoked`].
+    pub fn new() -> TestPki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params("Test NHS Root Authority");
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = Issuer::new(root_params, root_key);
+        let sub_key = KeyPair::generate().unwrap();
+        let sub_params = ca_params("Test NHS Level 1C");
+        let sub_cert = sub_params.signed_by(&sub_key, &root).unwrap();
+        write(d, "root.pem", &root_cert.pem());
+        write(d, "sub.pem", &sub_cert.pem());
+        write(d, "sub.key", &sub_key.serialize_pem());
+        let sub = Issuer::new(sub_params, sub_key);
+
+        // Server: localhost, chain = leaf + sub-CA.
+        let server_key = KeyPair::generate().unwrap();
+        let mut sp =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        sp.distinguished_name.push(DnType::CommonName, "localhost");
+        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = sp.signed_by(&server_key, &sub).unwrap();
+        write(
+            d,
+            "server-chain.pem",
+            &format!("{}{}", server_cert.pem(), sub_cert.pem()),
+        );
+        write(d, "server.key", &server_key.serialize_pem());
+
+        // A second server key, for mismatch tests.
+        write(
+            d,
+            "other.key",
+            &KeyPair::generate().unwrap().serialize_pem(),
+        );
+
+        let issue = |name: ClientCert, params: CertificateParams, issuer: &Issuer<'_, KeyPair>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, issuer).unwrap();
+            write(d, &format!("{}.pem", name.file_stem()), &cert.pem());
+            write(
+                d,
+                &format!("{}.key", name.file_stem()),
+                &key.serialize_pem(),
+            );
+        };
+        issue(ClientCert::Proxy, client_params(PROXY_CN, 0x1001), &sub);
+        issue(
+            ClientCert::WrongSubject,
+            client_params("someone-else.nhs.uk", 0x1002),
+            &sub,
+        );
+        let mut expired = client_params(PROXY_CN, 0x1003);
+        expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        issue(ClientCert::Expired, expired, &sub);
+        issue(
+            ClientCert::Revoked,
+            client_params(PROXY_CN, REVOKED_SERIAL),
+            &sub,
+        );
+
+        let rogue_key = KeyPair::generate().unwrap();
+        let rogue_params = ca_params("Rogue Level 1C");
+        let rogue_cert = rogue_params.self_signed(&rogue_key).unwrap();
+        write(d, "rogue-ca.pem", &rogue_cert.pem());
+        let rogue = Issuer::new(rogue_params, rogue_key);
+        issue(ClientCert::Rogue, client_params(PROXY_CN, 0x1005), &rogue);
+        let impostor_key = KeyPair::generate().unwrap();
+        let impostor = Issuer::new(ca_params("Test NHS Level 1C"), impostor_key);
+        issue(
+            ClientCert::Impostor,
+            client_params(PROXY_CN, 0x1006),
+            &impostor,
+        );
+
+        let now = time::OffsetDateTime::now_utc();
+        let crl = CertificateRevocationListParams {
+            this_update: now - time::Duration::days(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(REVOKED_SERIAL),
+                revocation_time: now - time::Duration::hours(1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&sub)
+        .unwrap();
+        write(d, "sub.crl.pem", &crl.pem().unwrap());
+        TestPki { dir }
+    }
+
+    /// A file in the PKI's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// SHA-256 (hex) of a client certificate.
+    pub fn client_sha256(&self, which: ClientCert) -> String {
+        let der = CertificateDer::from_pem_file(self.path(&format!("{}.pem", which.file_stem())))
+            .unwrap();
+        bars_gateway::tls::inspect::CertSummary::from_der(&der)
+            .unwrap()
+            .sha256_hex()
+    }
+
+    /// A rustls client config trusting the test root, presenting `cert` (or none).
+    pub fn client_config(&self, cert: Option<ClientCert>) -> Arc<rustls::ClientConfig> {
+        self.client_config_with(
+            cert,
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+            vec![b"http/1.1".to_vec()],
+        )
+    }
+
+    /// A client config with chosen TLS versions and ALPN protocols.
+    pub fn client_config_with(
+        &self,
+        cert: Option<ClientCert>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: Vec<Vec<u8>>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(self.path("root.pem")).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+        let mut config = match cert {
+            None => builder.with_no_client_auth(),
+            Some(c) => {
+                let chain = vec![CertificateDer::from_pem_file(
+                    self.path(&format!("{}.pem", c.file_stem())),
+                )
+                .unwrap()];
+                let key =
+                    PrivateKeyDer::from_pem_file(self.path(&format!("{}.key", c.file_stem())))
+                        .unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
+        config.alpn_protocols = alpn;
+        Arc::new(config)
+    }
+
+    /// A gateway config (TOML) for this PKI and `upstream_url`, loopback only, admin on port 0.
+    pub fn config_toml(&self, upstream_url: &str) -> String {
+        format!(
+            r#"
+[listen]
+address = "127.0.0.1:0"
+header_read_timeout = "5s"
+shutdown_grace = "5s"
+
+[tls]
+certificate = "server-chain.pem"
+private_key = "server.key"
+client_ca = ["root.pem", "sub.pem"]
+client_crl = ["sub.crl.pem"]
+
+[client]
+allowed_ips = ["127.0.0.1/32"]
+allowed_subjects = ["{PROXY_CN}"]
+
+[upstream]
+url = "{upstream_url}"
+request_timeout = "2s"
+
+[admin]
+address = "127.0.0.1:0"
+
+[log]
+level = "warn"
+format = "text"
+audit = false
+"#
+        )
+    }
+
+    /// Writes `text` as this PKI's `config.toml` and parses it (relative paths resolve here).
+    pub fn settings(&self, text: &str) -> Settings {
+        let path = self.path("config.toml");
+        std::fs::write(&path, text).unwrap();
+        bars_gateway::config::load(&path).unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How the test upstream answers.
+#[derive(Clone)]
+pub enum Reply {
+    /// Status, extra headers, body.
+    With(StatusCode, Vec<(&'static str, &'static str)>, Bytes),
+    /// Never answers (until the test ends).
+    Never,
+}
+
+/// A counting upstream on loopback that records every request.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    reply: Arc<Mutex<Reply>>,
+    arrived: Arc<Notify>,
+}
+
+impl TestUpstream {
+    /// Starts an upstream answering 200 with a small FHIR body.
+    pub async fn start() -> TestUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let reply = Arc::new(Mutex::new(Reply::With(
+            StatusCode::OK,
+            vec![("content-type", "application/fhir+json")],
+            Bytes::from_static(br#"{"resourceType":"Bundle"}"#),
+        )));
+        let arrived = Arc::new(Notify::new());
+        let (s, r, a) = (seen.clone(), reply.clone(), arrived.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (s, r, a) = (s.clone(), r.clone(), a.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (s, r, a) = (s.clone(), r.clone(), a.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            s.lock().unwrap().push(Seen {
+                                method: parts.method,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            });
+                            a.notify_waiters();
+                            let reply = r.lock().unwrap().clone();
+                            match reply {
+                                Reply::Never => std::future::pending::<
+                                    Result<Response<Full<Bytes>>, Infallible>,
+                                >()
+                                .await,
+                                Reply::With(status, headers, body) => {
+                                    let mut resp = Response::new(Full::new(body));
+                                    *resp.status_mut() = status;
+                                    for (k, v) in headers {
+                                        resp.headers_mut().insert(k, HeaderValue::from_static(v));
+                                    }
+                                    Ok::<_, Infallible>(resp)
+                                }
+                            }
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestUpstream {
+            addr,
+            seen,
+            reply,
+            arrived,
+        }
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes how it answers.
+    pub fn set_reply(&self, reply: Reply) {
+        *self.reply.lock().unwrap() = reply;
+    }
+
+    /// How many requests reached it.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// The requests that reached it.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The one request that reached it.
+    pub fn only(&self) -> Seen {
+        let seen = self.seen();
+        assert_eq!(seen.len(), 1, "expected exactly one upstream request");
+        seen.into_iter().next().unwrap()
+    }
+}
+
+/// A port on loopback with nothing listening (bound then released).
+pub async fn dead_port_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A running gateway; stops (and drains) when dropped or on [`TestGateway::stop`].
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub reloader: bars_gateway::Reloader,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Binds and serves `settings` in this runtime.
+    pub async fn start(settings: Settings) -> TestGateway {
+        let gateway = Gateway::bind(settings).await.expect("gateway binds");
+        let addr = gateway.local_addr();
+        let admin = gateway.admin_addr();
+        let reloader = gateway.reloader();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(async move {
+            let _ = rx.await;
+        }));
+        TestGateway {
+            addr,
+            admin,
+            reloader,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// A gateway in front of a fresh counting upstream, with the standard PKI and config.
+pub struct Rig {
+    pub pki: TestPki,
+    pub upstream: TestUpstream,
+    pub gateway: TestGateway,
+}
+
+impl Rig {
+    /// Standard rig.
+    pub async fn start() -> Rig {
+        Rig::start_with(|_| {}).await
+    }
+
+    /// Standard rig with the settings adjusted before start.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Rig {
+        let pki = TestPki::new();
+        let upstream = TestUpstream::start().await;
+        let mut settings = pki.settings(&pki.config_toml(&upstream.url()));
+        adjust(&mut settings);
+        let gateway = TestGateway::start(settings).await;
+        Rig {
+            pki,
+            upstream,
+            gateway,
+        }
+    }
+
+    /// Sends one request with the BaRS proxy's client certificate over a new connection.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply2 {
+        send(
+            self.gateway.addr,
+            self.pki.client_config(Some(ClientCert::Proxy)),
+            request,
+        )
+        .await
+        .expect("request completes")
+    }
+}
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Reply2 {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply2 {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    /// Asserts this is a BaRS OperationOutcome with the given status and codes, ids echoed.
+    pub fn assert_outcome(&self, status: u16, code: &str, issue_code: &str) {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "status; body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(self.headers["content-type"], "application/fhir+json");
+        let oo = self.json();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(oo["issue"][0]["code"], issue_code);
+        let coding = &oo["issue"][0]["details"]["coding"][0];
+        assert_eq!(
+            coding["system"],
+            "https://fhir.nhs.uk/CodeSystem/http-error-codes"
+        );
+        assert_eq!(coding["code"], code);
+        assert_eq!(coding["display"], format!("{status} - {code}"));
+    }
+
+    /// The OperationOutcome's diagnostics.
+    pub fn diagnostics(&self) -> String {
+        self.json()["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Sends one request over a new TLS connection. Errors (refused handshakes) come back as text.
+pub async fn send(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    request: Request<Full<Bytes>>,
+) -> Result<Reply2, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    send_on(tcp, config, request).await
+}
+
+/// Sends one request over TLS on an already connected stream.
+pub async fn send_on(
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    request: Request<Full<Bytes>>,
+) -> Result<Reply2, String> {
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http handshake: {e}"))?;
+    tokio::spawn(conn);
+    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+        .await
+        .map_err(|_| "no response in 20s".to_string())?
+        .map_err(|e| {
+            format!(
+                "request: {e}: {:?}",
+                std::error::Error::source(&e).map(|s| s.to_string())
+            )
+        })?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply2 {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The example header set of `tests/fixtures/bars-examples/headers-examples.json`.
+pub fn example_headers() -> serde_json::Value {
+    let text = include_str!("../fixtures/bars-examples/headers-examples.json");
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    v["valid_process_message_request"]["headers"].clone()
+}
+
+/// A valid BaRS request (every header of the example set, fresh X-Request-Id) for `method path`.
+pub fn bars_request(method: &str, path: &str, body: impl Into<Bytes>) -> http::request::Builder {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (name, value) in example_headers().as_object().unwrap() {
+        if name == "X-Request-Id" {
+            continue;
+        }
+        builder = builder.header(name.as_str(), value.as_str().unwrap());
+    }
+    let _ = body;
+    builder.header("X-Request-Id", uuid::Uuid::new_v4().to_string())
+}
+
+/// A valid `POST /$process-message` with the 35 KB validation example body.
+pub fn process_message() -> Request<Full<Bytes>> {
+    let body = Bytes::from_static(include_bytes!(
+        "../fixtures/bars-examples/process-message-validation-request.json"
+    ));
+    bars_request("POST", "/$process-message", body.clone())
+        .body(Full::new(body))
+        .unwrap()
+}
+
+/// A valid `GET /metadata`.
+pub fn metadata() -> Request<Full<Bytes>> {
+    bars_request("GET", "/metadata", Bytes::new())
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
