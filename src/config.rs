@@ -493,7 +493,19 @@ impl Validator {
     }
 
     fn tls(&self, raw: Option<RawTls>) -> Result<TlsSettings, ConfigError> {
-        let raw = raw.ok_or_else(|| self.err("tls", "the [tls] section is required"))?;
+        let mut raw = raw.ok_or_else(|| self.err("tls", "the [tls] section is required"))?;
+        // An empty string means "not set" (the example config writes the password file as "").
+        for value in [
+            &mut raw.certificate,
+            &mut raw.private_key,
+            &mut raw.private_key_password_file,
+            &mut raw.pkcs12,
+            &mut raw.pkcs12_password_file,
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        }
         let identity = match (raw.pkcs12, raw.certificate, raw.private_key) {
             (Some(p12), None, None) => {
                 if raw.private_key_password_file.is_some() {
@@ -1043,6 +1055,31 @@ url = "http://127.0.0.1:8080/legacy/fhir/"
             parse_pin("b51d8a07064b779d6a4e8ada1ec73c8f888b9060c9ff846cab119becb1467d1d"),
             Some(Pin::Sha256(_))
         ));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../config.example.toml");
+        let s = parse_ok(text);
+        assert_eq!(s.client.environment, Environment::Prod);
+        assert_eq!(s.client.allowed_subjects, vec![PROD_PROXY_SUBJECT]);
+        // Its commented-out keys are valid too once uncommented.
+        let uncommented = text
+            .replace("# pkcs12 = ", "pkcs12 = ")
+            .replace("# pkcs12_password_file = ", "pkcs12_password_file = ")
+            .replace("certificate = \"/etc", "# certificate = \"/etc")
+            .replace("private_key = \"/etc", "# private_key = \"/etc")
+            .replace("# allowed_ips = ", "allowed_ips = ")
+            .replace("# allowed_subjects = ", "allowed_subjects = ")
+            .replace("# [[upstream.route]]", "[[upstream.route]]")
+            .replace("# target = ", "target = ")
+            .replace("# url = \"http://10", "url = \"http://10");
+        let s = parse_ok(&uncommented);
+        assert!(matches!(
+            s.tls.identity,
+            ServerIdentitySource::Pkcs12 { .. }
+        ));
+        assert_eq!(s.upstream.routes.len(), 1);
     }
 
     #[test]

@@ -396,3 +396,53 @@ fn usage_errors_exit_2_and_the_config_path_comes_from_the_environment() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("/nonexistent/from-env.toml"));
 }
+
+#[tokio::test]
+async fn pkcs12_bundle_with_legacy_3des_encryption_serves_handshakes() {
+    if !have_openssl() {
+        return;
+    }
+    let pki = TestPki::new();
+    make_encrypted_rsa_server(&pki);
+    // What older OpenSSL (1.1) and Windows exports make: PBE-SHA1-3DES with a SHA-1 MAC.
+    openssl(
+        pki.dir.path(),
+        &[
+            "pkcs12",
+            "-export",
+            "-in",
+            "rsa.pem",
+            "-inkey",
+            "rsa.key",
+            "-passin",
+            "pass:key pass",
+            "-certfile",
+            "sub.pem",
+            "-keypbe",
+            "PBE-SHA1-3DES",
+            "-certpbe",
+            "PBE-SHA1-3DES",
+            "-macalg",
+            "sha1",
+            "-passout",
+            "pass:old",
+            "-out",
+            "legacy.pfx",
+        ],
+    );
+    std::fs::write(pki.path("pfx-password"), "old").unwrap();
+    let upstream = TestUpstream::start().await;
+    let toml = pki.config_toml(&upstream.url()).replace(
+        "certificate = \"server-chain.pem\"\nprivate_key = \"server.key\"",
+        "pkcs12 = \"legacy.pfx\"\npkcs12_password_file = \"pfx-password\"",
+    );
+    let gateway = TestGateway::start(pki.settings(&toml)).await;
+    let reply = send(
+        gateway.addr,
+        pki.client_config(Some(ClientCert::Proxy)),
+        metadata(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200);
+}
