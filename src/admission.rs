@@ -173,6 +173,15 @@ pub enum AdmissionError {
         /// The refused client address (from the PROXY header when the peer is a trusted balancer).
         ip: IpAddr,
     },
+    /// A trusted balancer's LOCAL / UNKNOWN header (its own health check), and the balancer's own
+    /// address is not in `client.allowed_ips`. Told apart from `IpNotAllowed` so that a balancer
+    /// probing every few seconds neither inflates the count operators alert on for strangers nor
+    /// writes a log line every minute.
+    #[error("health check (PROXY LOCAL / UNKNOWN) from balancer {balancer}, which is not in client.allowed_ips")]
+    LocalNotAllowed {
+        /// The balancer's address.
+        balancer: IpAddr,
+    },
     /// A peer in `listen.trusted_proxies` did not start with a PROXY header.
     #[error("peer is in listen.trusted_proxies but did not start with a PROXY protocol header")]
     ProxyHeaderMissing,
@@ -195,6 +204,7 @@ impl AdmissionError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::IpNotAllowed { .. } => "ip_not_allowed",
+            Self::LocalNotAllowed { .. } => "proxy_local",
             Self::ProxyHeaderMissing => "proxy_header_missing",
             Self::ProxyHeaderUntrusted => "proxy_header_untrusted",
             Self::ProxyHeaderMalformed(_) => "proxy_header_malformed",
@@ -207,6 +217,7 @@ impl AdmissionError {
     pub fn client_ip(&self) -> Option<IpAddr> {
         match self {
             Self::IpNotAllowed { ip } => Some(*ip),
+            Self::LocalNotAllowed { balancer } => Some(*balancer),
             _ => None,
         }
     }
@@ -230,8 +241,8 @@ pub enum ProxyHeader {
 /// send a header, otherwise a balancer misconfigured to omit it would pass as the client itself.
 /// For a LOCAL / UNKNOWN header (balancer health checks) the client is the balancer, and
 /// `allowed_ips` applies to the balancer's address: list it there to let health checks reach the
-/// TLS listener, or leave it out and they are refused here (a TCP health check still sees the
-/// accept). Direct peers are checked before anything is read, so a refused peer is closed without a
+/// TLS listener, or leave it out and they are refused here as `proxy_local`, not `ip_not_allowed`
+/// (a TCP health check still sees the accept). Direct peers are checked before anything is read, so a refused peer is closed without a
 /// byte read or written.
 pub async fn admit_peer(
     stream: &mut TcpStream,
@@ -246,7 +257,12 @@ pub async fn admit_peer(
             ProxyHeader::Local => peer,
         };
         if !policy.allowed_ips.contains(client.ip()) {
-            return Err(AdmissionError::IpNotAllowed { ip: client.ip() });
+            return Err(match header {
+                ProxyHeader::Proxied { .. } => AdmissionError::IpNotAllowed { ip: client.ip() },
+                ProxyHeader::Local => AdmissionError::LocalNotAllowed {
+                    balancer: peer.ip(),
+                },
+            });
         }
         debug!(peer = %peer, client = %client, "admitted through trusted proxy");
         return Ok(Admitted {
@@ -267,10 +283,7 @@ pub async fn admit_peer(
         .await
         .map_err(|_| AdmissionError::ProxyHeaderTimeout)??;
     if peeked == 0 {
-        return Err(AdmissionError::Io(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "peer closed the connection before sending any byte",
-        )));
+        return Err(closed_before_any_byte());
     }
     if starts_like_proxy_header(&first[..peeked]) {
         return Err(AdmissionError::ProxyHeaderUntrusted);
@@ -332,8 +345,12 @@ pub async fn read_proxy_header<R: AsyncRead + Unpin>(
     } else if !start.is_empty() && (V1_PREFIX.starts_with(start) || V2_SIGNATURE.starts_with(start))
     {
         Err(truncated(got))
+    } else if start.is_empty() {
+        // A plain TCP health check (connect, close) or a client giving up: nothing to say about
+        // the balancer's configuration, so the same quiet `io` refusal as a silent direct peer.
+        Err(closed_before_any_byte())
     } else {
-        // Includes a TLS ClientHello (0x16...) and a connection closed without a byte.
+        // A TLS ClientHello (0x16...) or anything else that is not a PROXY header.
         Err(AdmissionError::ProxyHeaderMissing)
     }
 }
@@ -470,6 +487,14 @@ async fn read_until_full_or_eof<R: AsyncRead + Unpin>(
     Ok(filled)
 }
 
+/// The peer closed the connection without sending anything.
+fn closed_before_any_byte() -> AdmissionError {
+    AdmissionError::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "peer closed the connection before sending any byte",
+    ))
+}
+
 /// The peer closed the connection partway through a header.
 fn truncated(bytes: usize) -> AdmissionError {
     AdmissionError::ProxyHeaderMalformed(format!(
@@ -547,6 +572,11 @@ impl RefusalLogLimiter {
     /// Logs an admission refusal, at most once per interval per client address (a refusal through a
     /// balancer is keyed by the client it relayed, not the balancer).
     pub fn log_refusal(&self, peer: SocketAddr, error: &AdmissionError) {
+        if let AdmissionError::LocalNotAllowed { balancer } = error {
+            // Balancer health checks arrive every few seconds by design: counted, not logged.
+            debug!(peer = %peer, balancer = %balancer, reason = error.reason(), "balancer health check closed at admission");
+            return;
+        }
         let client = error.client_ip().unwrap_or(peer.ip()).to_canonical();
         if !self.should_log(client, Instant::now()) {
             return;
@@ -969,13 +999,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_without_a_proxy_header_is_reported_missing() {
-        for input in [CLIENT_HELLO, b"GET / HTTP/1.1\r\n\r\n", b""] {
+        for input in [CLIENT_HELLO, b"GET / HTTP/1.1\r\n\r\n"] {
             let (result, _) = parse(input).await;
             assert!(
                 matches!(result, Err(AdmissionError::ProxyHeaderMissing)),
                 "{input:?}: {result:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_closed_before_any_byte_is_an_io_refusal_not_a_missing_header() {
+        // A plain TCP health check: connect, close. Not a balancer misconfiguration.
+        let (result, _) = parse(b"").await;
+        let error = result.unwrap_err();
+        assert_eq!(error.reason(), "io", "{error:?}");
     }
 
     #[tokio::test]
@@ -1061,6 +1099,12 @@ mod tests {
             (
                 AdmissionError::IpNotAllowed { ip: ip("10.0.0.1") },
                 "ip_not_allowed",
+            ),
+            (
+                AdmissionError::LocalNotAllowed {
+                    balancer: ip("10.0.0.2"),
+                },
+                "proxy_local",
             ),
             (AdmissionError::ProxyHeaderMissing, "proxy_header_missing"),
             (
@@ -1252,10 +1296,13 @@ mod tests {
             );
 
             let (result, _client) = admit_through_balancer(&header, &["34.89.0.111/32"]).await;
-            assert_eq!(
-                result.unwrap_err().client_ip(),
-                Some(IpAddr::from(BALANCER))
+            let error = result.unwrap_err();
+            assert!(
+                matches!(error, AdmissionError::LocalNotAllowed { balancer } if balancer == IpAddr::from(BALANCER)),
+                "{error:?}"
             );
+            assert_eq!(error.reason(), "proxy_local");
+            assert_eq!(error.client_ip(), Some(IpAddr::from(BALANCER)));
         }
     }
 
@@ -1267,6 +1314,19 @@ mod tests {
             matches!(error, AdmissionError::ProxyHeaderMissing),
             "{error:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn trusted_proxy_that_connects_and_closes_is_an_io_refusal() {
+        let (client, mut server, peer) = connect_from(BALANCER).await;
+        drop(client);
+        let policy = policy(
+            &["34.89.0.111/32"],
+            &["127.0.0.3/32"],
+            Duration::from_secs(5),
+        );
+        let error = admit(&mut server, peer, &policy).await.unwrap_err();
+        assert_eq!(error.reason(), "io", "{error:?}");
     }
 
     #[tokio::test]

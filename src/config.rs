@@ -55,6 +55,8 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     /// `[bars]`.
     pub bars: BarsSettings,
+    /// `[dedup]`.
+    pub dedup: DedupSettings,
     /// `[admin]`.
     pub admin: AdminSettings,
     /// `[log]`.
@@ -201,6 +203,42 @@ pub struct BarsSettings {
     pub extra_prefixes: Vec<String>,
 }
 
+/// Which dedup store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupBackend {
+    /// In-process moka cache (one replica; lost on restart).
+    Memory,
+    /// Shared Redis (several replicas behave as one; survives restarts).
+    Redis {
+        /// `redis://host:port/db` (or `rediss://`).
+        url: String,
+    },
+}
+
+/// What to do when the dedup store cannot be consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// 503 REC_SERVICE_UNAVAILABLE: the sender retries later (no risk of double delivery).
+    Reject,
+    /// Forward without dedup, logging loudly (availability over exactly-once).
+    Allow,
+}
+
+/// `[dedup]`: retry deduplication by X-Request-Id (DESIGN.md §5).
+#[derive(Debug, Clone)]
+pub struct DedupSettings {
+    /// The store.
+    pub backend: DedupBackend,
+    /// How long a processed request id is remembered.
+    pub ttl: Duration,
+    /// Memory store: most entries kept (older are evicted first).
+    pub max_entries: u64,
+    /// Methods deduplicated.
+    pub methods: Vec<http::Method>,
+    /// Store failure policy.
+    pub on_store_error: OnStoreError,
+}
+
 /// `[admin]`: the plain-HTTP health and metrics listener.
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
@@ -244,9 +282,22 @@ struct RawConfig {
     #[serde(default)]
     bars: RawBars,
     #[serde(default)]
+    dedup: RawDedup,
+    #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDedup {
+    store: Option<String>,
+    ttl: Option<String>,
+    max_entries: Option<u64>,
+    methods: Option<Vec<String>>,
+    redis_url: Option<String>,
+    on_store_error: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -371,6 +422,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         client: v.client(raw.client)?,
         upstream: v.upstream(raw.upstream)?,
         bars: v.bars(raw.bars)?,
+        dedup: v.dedup(raw.dedup)?,
         admin: v.admin(raw.admin)?,
         log: v.log(raw.log)?,
     })
@@ -809,6 +861,61 @@ impl Validator {
             accepted_major_versions,
             bars_endpoints,
             extra_prefixes,
+        })
+    }
+
+    fn dedup(&self, raw: RawDedup) -> Result<DedupSettings, ConfigError> {
+        let backend = match raw.store.as_deref().unwrap_or("memory") {
+            "memory" => DedupBackend::Memory,
+            "redis" => {
+                let url = raw
+                    .redis_url
+                    .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
+                if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                    return Err(self.err(
+                        "dedup.redis_url",
+                        format!("{url:?} is not a redis://, rediss:// or unix:// URL"),
+                    ));
+                }
+                DedupBackend::Redis { url }
+            }
+            other => {
+                return Err(self.err(
+                    "dedup.store",
+                    format!("{other:?} is not \"memory\" or \"redis\""),
+                ))
+            }
+        };
+        let max_entries = raw.max_entries.unwrap_or(1_000_000);
+        if max_entries == 0 {
+            return Err(self.err("dedup.max_entries", "must be at least 1"));
+        }
+        let methods = raw
+            .methods
+            .unwrap_or_else(|| ["POST", "PUT", "PATCH", "DELETE"].map(String::from).to_vec())
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                    .map_err(|_| self.err(&format!("dedup.methods[{i}]"), format!("{m:?} is not an HTTP method")))
+            })
+            .collect::<Result<_, _>>()?;
+        let on_store_error = match raw.on_store_error.as_deref().unwrap_or("reject") {
+            "reject" => OnStoreError::Reject,
+            "allow" => OnStoreError::Allow,
+            other => {
+                return Err(self.err(
+                    "dedup.on_store_error",
+                    format!("{other:?} is not \"reject\" or \"allow\""),
+                ))
+            }
+        };
+        Ok(DedupSettings {
+            backend,
+            ttl: self.duration("dedup.ttl", raw.ttl, "24h")?,
+            max_entries,
+            methods,
+            on_store_error,
         })
     }
 

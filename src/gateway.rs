@@ -29,11 +29,12 @@ use tokio_rustls::TlsAcceptor;
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
 use crate::bars::routes::RouteTable;
 use crate::bars::{self, Refusal};
-use crate::config::{BarsSettings, ListenSettings};
+use crate::config::{BarsSettings, DedupSettings, ListenSettings, OnStoreError};
+use crate::dedup::{self, Claim, DedupStore, Entry, Fingerprint, Replay};
 use crate::idle::{ActivityIo, IdleWatch};
-use crate::metrics::{Metrics, StatusLabel};
+use crate::metrics::{Metrics, OutcomeLabel, StatusLabel};
 use crate::tls::{self, LoadedTls};
-use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
+use crate::upstream::{ForwardedHeaders, GatewayBody, Upstream, Upstreams};
 
 /// The header that carries the request id (BaRS).
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -59,6 +60,10 @@ pub struct Shared {
     pub upstreams: Upstreams,
     /// BaRS rules.
     pub bars: BarsSettings,
+    /// The retry dedup store.
+    pub dedup: Arc<DedupStore>,
+    /// Which methods are deduplicated and what a store failure means.
+    pub dedup_settings: DedupSettings,
     /// Connection limits.
     pub listen: ListenSettings,
     /// Metrics.
@@ -225,7 +230,7 @@ fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
 
 /// Handles one request: runs the checks, forwards or refuses, echoes the ids, counts and audits.
 async fn handle_request(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Connection,
     request: Request<Incoming>,
 ) -> Response<GatewayBody> {
@@ -255,7 +260,7 @@ async fn handle_request(
 
 /// The request checks of DESIGN.md §1, in order; the first failure wins.
 async fn check_and_forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Connection,
     request: Request<Incoming>,
     audit: &mut AuditRecord,
@@ -286,7 +291,6 @@ async fn check_and_forward(
     // Upstream: by NHSD-Target-Identifier, else the default (404 when none serves the target).
     let upstream = shared.upstreams.select(identity.target.as_ref())?;
 
-    // Forward: stream the request, return the answer (408 / 413 / 503 on failure).
     let added = ForwardedHeaders {
         forwarded_for: conn.forwarded_for.clone(),
         cert_subject: conn.cert_subject.clone(),
@@ -294,18 +298,224 @@ async fn check_and_forward(
         bars_target: audit.target.as_deref().and_then(header_value),
         ods_code: audit.ods_code.as_deref().and_then(header_value),
     };
-    let forwarded_at = Instant::now();
+    let (parts, body) = request.into_parts();
+
+    // Methods that are not deduplicated (reads) stream straight through (408 / 413 / 503).
+    if !shared.dedup_settings.methods.contains(&parts.method) {
+        let body = shared.upstreams.streaming_body(&parts.headers, body)?;
+        let (result, elapsed) =
+            timed_forward(shared, upstream, parts, body, &route.path_and_query, &added).await;
+        audit.upstream_duration = Some(elapsed);
+        return result;
+    }
+
+    // Dedup: after access control, before processing (BaRS IG). The body is read (bounded by
+    // max_body, 413) because it is part of what makes a retry "the same message".
+    let body = shared.upstreams.buffered_body(&parts.headers, body).await?;
+    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &parts.headers, &body);
+    // Claim, forward and record run in their own task: a client that disconnects mid-request
+    // must leave its id recorded as what really happened upstream, never half-done.
+    let task = tokio::spawn(forward_once(
+        shared.clone(),
+        upstream.clone(),
+        ids.request_id,
+        fingerprint,
+        parts,
+        body,
+        route.path_and_query,
+        added,
+    ));
+    let outcome = task.await.map_err(|e| {
+        tracing::error!(error = %e, "forwarding task failed");
+        Refusal::Internal
+    })?;
+    audit.dedup = Some(outcome.dedup);
+    audit.upstream_duration = outcome.upstream_duration;
+    outcome.response
+}
+
+/// Forwards and measures the time to the upstream's response headers.
+async fn timed_forward(
+    shared: &Shared,
+    upstream: &Upstream,
+    parts: http::request::Parts,
+    body: GatewayBody,
+    path_and_query: &str,
+    added: &ForwardedHeaders,
+) -> (Result<Response<GatewayBody>, Refusal>, Duration) {
+    let started = Instant::now();
     let result = shared
         .upstreams
-        .forward(upstream, request, &route.path_and_query, &added)
+        .forward(upstream, parts, body, path_and_query, added)
         .await;
-    let elapsed = forwarded_at.elapsed();
+    let elapsed = started.elapsed();
     shared
         .metrics
         .upstream_duration
         .observe(elapsed.as_secs_f64());
-    audit.upstream_duration = Some(elapsed);
-    result
+    (result, elapsed)
+}
+
+/// What the dedup step decided, for the response, the metrics and the audit record.
+struct ForwardOutcome {
+    response: Result<Response<GatewayBody>, Refusal>,
+    dedup: &'static str,
+    upstream_duration: Option<Duration>,
+}
+
+impl ForwardOutcome {
+    fn answered_here(response: Result<Response<GatewayBody>, Refusal>, dedup: &'static str) -> Self {
+        ForwardOutcome {
+            response,
+            dedup,
+            upstream_duration: None,
+        }
+    }
+}
+
+/// The dedup step (DESIGN.md §5): claim the request id, then forward a first sight and record
+/// what the upstream answered, or answer a retry here without troubling the upstream.
+#[allow(clippy::too_many_arguments)]
+async fn forward_once(
+    shared: Arc<Shared>,
+    upstream: Arc<Upstream>,
+    id: bars::ids::RequestId,
+    fingerprint: Fingerprint,
+    parts: http::request::Parts,
+    body: Bytes,
+    path_and_query: String,
+    added: ForwardedHeaders,
+) -> ForwardOutcome {
+    let count = |outcome: &'static str| {
+        shared
+            .metrics
+            .dedup
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        outcome
+    };
+    let record = match shared.dedup.claim(id, fingerprint).await {
+        Ok(Claim::First) => true,
+        Ok(Claim::Seen(Entry::InFlight { .. })) => {
+            return ForwardOutcome::answered_here(Err(Refusal::InFlight), count("in_flight"))
+        }
+        Ok(Claim::Seen(Entry::Done {
+            status,
+            reference,
+            replay,
+            ..
+        })) => {
+            if (200..300).contains(&status) {
+                let reference = reference.map(String::from);
+                return ForwardOutcome::answered_here(
+                    Err(Refusal::Duplicate { reference }),
+                    count("duplicate"),
+                );
+            }
+            return ForwardOutcome::answered_here(Ok(replay_response(status, replay)), count("replayed"));
+        }
+        Ok(Claim::Conflict) => {
+            return ForwardOutcome::answered_here(Err(Refusal::IdReused), count("id_reused"))
+        }
+        Err(e) => match shared.dedup_settings.on_store_error {
+            OnStoreError::Reject => {
+                tracing::warn!(request_id = %id, error = %e, "dedup store unavailable: refusing with 503 so the sender retries");
+                return ForwardOutcome::answered_here(Err(Refusal::StoreUnavailable), count("store_error"));
+            }
+            OnStoreError::Allow => {
+                tracing::error!(request_id = %id, error = %e, "dedup store unavailable: forwarding WITHOUT duplicate protection (dedup.on_store_error = allow)");
+                count("store_error");
+                false
+            }
+        },
+    };
+    let full = http_body_util::Full::new(body)
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let (result, elapsed) =
+        timed_forward(&shared, &upstream, parts, full, &path_and_query, &added).await;
+    let mut outcome = ForwardOutcome {
+        response: result,
+        dedup: if record { "first" } else { "unprotected" },
+        upstream_duration: Some(elapsed),
+    };
+    if !record {
+        return outcome;
+    }
+    count("first");
+    let deterministic = matches!(&outcome.response, Ok(r) if dedup::is_deterministic(r.status().as_u16()));
+    if !deterministic {
+        // Transient (408, 429, 5xx, timeout, unreachable): forget, so the sender's retry goes through.
+        if let Err(e) = shared.dedup.release(id).await {
+            tracing::error!(request_id = %id, error = %e, "dedup store: could not release a failed request; its retries get 425 until the in-flight entry expires");
+        }
+        return outcome;
+    }
+    let Ok(response) = outcome.response else {
+        return outcome;
+    };
+    let (response, entry) = remember(response, fingerprint).await;
+    if let Err(e) = shared.dedup.complete(id, entry).await {
+        tracing::error!(request_id = %id, error = %e, "dedup store: could not record a processed request; a retry after the in-flight entry expires would be delivered again");
+    }
+    outcome.response = Ok(response);
+    outcome
+}
+
+/// Builds the store entry for a deterministic answer; for a 4xx with a small body, keeps the body
+/// to replay it (and hands back an equivalent response).
+async fn remember(response: Response<GatewayBody>, fingerprint: Fingerprint) -> (Response<GatewayBody>, Entry) {
+    let status = response.status().as_u16();
+    let reference = response
+        .headers()
+        .get(http::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|l| l.rsplit('/').find(|s| !s.is_empty()).unwrap_or(l).into());
+    let mut replay = None;
+    let mut response = response;
+    let small = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|len| len <= dedup::MAX_REPLAY_BODY);
+    if (400..500).contains(&status) {
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        if small {
+            let (parts, incoming) = response.into_parts();
+            let bytes = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            body = bytes.to_vec();
+            response = Response::from_parts(parts, Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
+        }
+        replay = Some(Box::new(Replay { content_type, body }));
+    }
+    (
+        response,
+        Entry::Done {
+            fingerprint,
+            status,
+            reference,
+            replay,
+        },
+    )
+}
+
+/// The original deterministic 4xx answer, again.
+fn replay_response(status: u16, replay: Option<Box<Replay>>) -> Response<GatewayBody> {
+    let (content_type, body) = match replay {
+        Some(r) => (r.content_type, r.body),
+        None => (None, Vec::new()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    if let Some(ct) = content_type.as_deref().and_then(header_value) {
+        response.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    response
 }
 
 /// Renders a refusal as the HTTP response the client gets: the one place that does.
@@ -377,6 +587,7 @@ struct AuditRecord {
     ods_code: Option<String>,
     software: Option<String>,
     refusal: Option<Refusal>,
+    dedup: Option<&'static str>,
     upstream_duration: Option<Duration>,
 }
 
@@ -395,6 +606,7 @@ impl AuditRecord {
             ods_code: None,
             software: None,
             refusal: None,
+            dedup: None,
             upstream_duration: None,
         }
     }
@@ -432,6 +644,7 @@ impl AuditRecord {
             status,
             bars_code = bars_code.unwrap_or("-"),
             diagnostics = diagnostics.as_deref().unwrap_or(""),
+            dedup = self.dedup.unwrap_or("-"),
             upstream_ms = self.upstream_duration.map(|d| d.as_millis() as u64),
             total_ms = total.as_millis() as u64,
             "request"

@@ -10,6 +10,8 @@ pub mod admission;
 pub mod bars;
 pub mod check;
 pub mod config;
+pub mod dedup;
+pub mod demo;
 pub mod gateway;
 pub mod idle;
 pub mod metrics;
@@ -38,6 +40,9 @@ pub enum StartError {
     /// TLS material is missing or invalid.
     #[error(transparent)]
     Tls(#[from] MaterialError),
+    /// The dedup store is misconfigured.
+    #[error("dedup.redis_url: {0}")]
+    Dedup(String),
     /// A listener could not be bound.
     #[error("{key}: cannot listen on {address}: {source}")]
     Bind {
@@ -90,6 +95,13 @@ impl Gateway {
                 })??;
         let (metrics, registry) = Metrics::new();
         metrics.record_certificates(&loaded);
+        let metrics = Arc::new(metrics);
+        let dedup = dedup::DedupStore::new(
+            &settings.dedup,
+            settings.upstream.request_timeout,
+            metrics.clone(),
+        )
+        .map_err(|e| StartError::Dedup(e.0))?;
         let readiness = Arc::new(admin::Readiness::default());
         readiness.set_tls_loaded();
         let listener = TcpListener::bind(settings.listen.address)
@@ -125,8 +137,10 @@ impl Gateway {
             ),
             upstreams: upstream::Upstreams::new(&settings.upstream),
             bars: settings.bars.clone(),
+            dedup: Arc::new(dedup),
+            dedup_settings: settings.dedup.clone(),
             listen: settings.listen.clone(),
-            metrics: Arc::new(metrics),
+            metrics,
             refusal_log: RefusalLogLimiter::new(Duration::from_secs(60), 10_000),
             audit: settings.log.audit,
             http: Shared::http_builder(&settings.listen),

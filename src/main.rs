@@ -1,4 +1,4 @@
-//! The `bars-gateway` command line: `run`, `check`. Everything else lives in the library.
+//! The `bars-gateway` command line: `run`, `check`, `demo`. Everything else lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,12 +30,39 @@ enum Command {
         #[arg(long, env = "BARS_GATEWAY_CONFIG", default_value = bars_gateway::config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Try it here: a throwaway PKI, a sample legacy receiver and the gateway on loopback, real
+    /// BaRS requests through it, then copy-paste curl commands until Ctrl-C.
+    Demo {
+        /// Exit after the scenario: 0 when every outcome was as expected, 1 otherwise.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
     // clap exits with 2 on usage errors, as DESIGN.md §2 asks.
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo { once } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("bars-gateway: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(bars_gateway::demo::run(once)) {
+                Ok(outcome) if outcome.success() => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("bars-gateway demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check { config } => {
             let report = bars_gateway::check::check(&config);
             print!("{}", report.text);

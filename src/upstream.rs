@@ -5,6 +5,7 @@
 //! legacy server behind only ever sees clean HTTP/1.1.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,8 +79,8 @@ pub struct Upstream {
 /// Every configured upstream, chosen per request by NHSD-Target-Identifier.
 #[derive(Debug)]
 pub struct Upstreams {
-    default: Option<Upstream>,
-    by_target: HashMap<String, Upstream>,
+    default: Option<Arc<Upstream>>,
+    by_target: HashMap<String, Arc<Upstream>>,
     request_timeout: Duration,
     max_body: u64,
     strip_headers: Vec<HeaderName>,
@@ -97,10 +98,10 @@ impl Upstreams {
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(256)
                 .build(connector);
-            Upstream {
+            Arc::new(Upstream {
                 url: url.clone(),
                 client,
-            }
+            })
         };
         Upstreams {
             default: settings.url.as_ref().map(make),
@@ -116,7 +117,7 @@ impl Upstreams {
     }
 
     /// The upstream for a request's target: its route, else the default, else 404.
-    pub fn select(&self, target: Option<&TargetIdentifier>) -> Result<&Upstream, Refusal> {
+    pub fn select(&self, target: Option<&TargetIdentifier>) -> Result<&Arc<Upstream>, Refusal> {
         if !self.by_target.is_empty() {
             if let Some(up) = target.and_then(|t| self.by_target.get(&t.to_string())) {
                 return Ok(up);
@@ -143,23 +144,49 @@ impl Upstreams {
         self.max_body
     }
 
+    /// The request body, streamed, cut off at `max_body` (413 up front when Content-Length says so).
+    pub fn streaming_body(&self, headers: &HeaderMap, body: Incoming) -> Result<GatewayBody, Refusal> {
+        self.check_declared_length(headers)?;
+        Ok(Limited::new(body, self.max_body as usize)
+            .map_err(|e| e as BoxError)
+            .boxed_unsync())
+    }
+
+    /// The whole request body, read into memory but never beyond `max_body` (413).
+    pub async fn buffered_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
+        self.check_declared_length(headers)?;
+        match Limited::new(body, self.max_body as usize).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge {
+                limit: self.max_body,
+            }),
+            Err(e) => {
+                // The client went away or sent a broken body: nothing was forwarded.
+                tracing::info!(error = %e, "request body could not be read");
+                Err(Refusal::InvalidRequest("The request body could not be read".into()))
+            }
+        }
+    }
+
+    fn check_declared_length(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        match content_length(headers) {
+            Some(len) if len > self.max_body => Err(Refusal::BodyTooLarge {
+                limit: self.max_body,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Forwards a request whose route and headers passed every check. `path_and_query` is the
     /// approved path (relative to the BaRS base path) and query.
     pub async fn forward(
         &self,
         upstream: &Upstream,
-        request: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: GatewayBody,
         path_and_query: &str,
         added: &ForwardedHeaders,
     ) -> Result<Response<GatewayBody>, Refusal> {
-        let (mut parts, body) = request.into_parts();
-        if let Some(len) = content_length(&parts.headers) {
-            if len > self.max_body {
-                return Err(Refusal::BodyTooLarge {
-                    limit: self.max_body,
-                });
-            }
-        }
         let uri: Uri = format!(
             "http://{}{}{}",
             upstream.url.authority, upstream.url.base_path, path_and_query
@@ -172,9 +199,6 @@ impl Upstreams {
         rewrite_request_headers(&mut parts.headers, &self.strip_headers, added);
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let body = Limited::new(body, self.max_body as usize)
-            .map_err(|e| e as BoxError)
-            .boxed_unsync();
         let outgoing = Request::from_parts(parts, body);
 
         let response = match tokio::time::timeout(

@@ -435,7 +435,27 @@ async fn balancer_health_check_is_served_only_when_the_balancer_itself_is_allowe
         assert_refused_without_a_byte(rig.gateway.addr, BALANCER, &bytes).await;
     }
     assert_eq!(rig.upstream.count(), 0);
-    assert_counted_only(&rig.gateway, "ip_not_allowed", 2).await;
+    // Counted apart from strangers, so health checks do not trip alerts on ip_not_allowed.
+    assert_counted_only(&rig.gateway, "proxy_local", 2).await;
+}
+
+#[tokio::test]
+async fn balancer_tcp_health_check_is_closed_quietly_as_io() {
+    // Connect and close without a byte (a TCP health check without PROXY header): not reported
+    // as a missing header, which would suggest the balancer is misconfigured.
+    let rig = Rig::start_with(behind_balancer).await;
+    let mut tcp = connect_from(BALANCER, rig.gateway.addr).await;
+    tcp.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(CLOSE_WITHIN, tcp.read_to_end(&mut received))
+        .await
+        .expect("the gateway closes");
+    assert!(
+        read.is_ok() && received.is_empty(),
+        "{read:?}, {received:?}"
+    );
+    assert_eq!(rig.upstream.count(), 0);
+    assert_counted_only(&rig.gateway, "io", 1).await;
 }
 
 // ---- IPv6 -----------------------------------------------------------------------------------
