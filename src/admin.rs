@@ -1,7 +1,8 @@
 //! The admin listener (plain HTTP, loopback by default): `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Readiness is computed in the background, not per probe: a task connects to every upstream
-//! every [`PROBE_INTERVAL`] and records when all of them last accepted a TCP connection.
+//! every [`PROBE_INTERVAL`], records when all of them last accepted a TCP connection, and pings
+//! the dedup store (Redis).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -18,6 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::dedup::DedupStore;
 use crate::tls::inspect::unix_now;
 
 /// How often the upstreams are probed.
@@ -30,6 +32,7 @@ pub const READY_WINDOW: Duration = Duration::from_secs(10);
 pub struct Readiness {
     tls_loaded: AtomicBool,
     upstream_ok_at: AtomicI64,
+    store_ok: AtomicBool,
 }
 
 impl Readiness {
@@ -42,18 +45,25 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         let ok_at = self.upstream_ok_at.load(Ordering::Relaxed);
         self.tls_loaded.load(Ordering::Relaxed)
+            && self.store_ok.load(Ordering::Relaxed)
             && ok_at > 0
             && unix_now() - ok_at <= READY_WINDOW.as_secs() as i64
     }
 
-    /// Probes the upstreams until `shutdown` turns true.
-    pub async fn probe_upstreams(
+    /// Probes the upstreams and the dedup store until `shutdown` turns true.
+    pub async fn probe(
         self: Arc<Self>,
         authorities: Vec<String>,
         connect_timeout: Duration,
+        store: Arc<DedupStore>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
+            let store_ok = store.is_reachable().await;
+            if !store_ok {
+                tracing::warn!("readiness probe: dedup store unreachable");
+            }
+            self.store_ok.store(store_ok, Ordering::Relaxed);
             let mut all_ok = true;
             for authority in &authorities {
                 let ok = matches!(
@@ -140,7 +150,7 @@ fn answer(
         "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: TLS material not loaded or upstream not accepting connections\n".into(),
+            "not ready: TLS material not loaded, upstream not accepting connections, or dedup store unreachable\n".into(),
             "text/plain",
         ),
         "/metrics" => {

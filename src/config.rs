@@ -871,7 +871,10 @@ impl Validator {
                 let url = raw
                     .redis_url
                     .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
-                if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
                     return Err(self.err(
                         "dedup.redis_url",
                         format!("{url:?} is not a redis://, rediss:// or unix:// URL"),
@@ -892,12 +895,20 @@ impl Validator {
         }
         let methods = raw
             .methods
-            .unwrap_or_else(|| ["POST", "PUT", "PATCH", "DELETE"].map(String::from).to_vec())
+            .unwrap_or_else(|| {
+                ["POST", "PUT", "PATCH", "DELETE"]
+                    .map(String::from)
+                    .to_vec()
+            })
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
-                    .map_err(|_| self.err(&format!("dedup.methods[{i}]"), format!("{m:?} is not an HTTP method")))
+                http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    self.err(
+                        &format!("dedup.methods[{i}]"),
+                        format!("{m:?} is not an HTTP method"),
+                    )
+                })
             })
             .collect::<Result<_, _>>()?;
         let on_store_error = match raw.on_store_error.as_deref().unwrap_or("reject") {

@@ -141,7 +141,13 @@ pub async fn serve_connection(
                 .tls_handshake_failures
                 .get_or_create(&crate::metrics::ReasonLabel { reason })
                 .inc();
-            if reason != "bad_certificate" {
+            // Certificate refusals were logged by the verifier; the rest (scanners, balancer
+            // health checks that connect and close) at most once a minute per address.
+            if reason != "bad_certificate"
+                && shared
+                    .refusal_log
+                    .should_log(admitted.client.ip(), Instant::now())
+            {
                 tracing::info!(client = %admitted.client, reason, error = %e, "TLS handshake failed");
             }
             return;
@@ -364,7 +370,10 @@ struct ForwardOutcome {
 }
 
 impl ForwardOutcome {
-    fn answered_here(response: Result<Response<GatewayBody>, Refusal>, dedup: &'static str) -> Self {
+    fn answered_here(
+        response: Result<Response<GatewayBody>, Refusal>,
+        dedup: &'static str,
+    ) -> Self {
         ForwardOutcome {
             response,
             dedup,
@@ -412,7 +421,10 @@ async fn forward_once(
                     count("duplicate"),
                 );
             }
-            return ForwardOutcome::answered_here(Ok(replay_response(status, replay)), count("replayed"));
+            return ForwardOutcome::answered_here(
+                Ok(replay_response(status, replay)),
+                count("replayed"),
+            );
         }
         Ok(Claim::Conflict) => {
             return ForwardOutcome::answered_here(Err(Refusal::IdReused), count("id_reused"))
@@ -420,7 +432,10 @@ async fn forward_once(
         Err(e) => match shared.dedup_settings.on_store_error {
             OnStoreError::Reject => {
                 tracing::warn!(request_id = %id, error = %e, "dedup store unavailable: refusing with 503 so the sender retries");
-                return ForwardOutcome::answered_here(Err(Refusal::StoreUnavailable), count("store_error"));
+                return ForwardOutcome::answered_here(
+                    Err(Refusal::StoreUnavailable),
+                    count("store_error"),
+                );
             }
             OnStoreError::Allow => {
                 tracing::error!(request_id = %id, error = %e, "dedup store unavailable: forwarding WITHOUT duplicate protection (dedup.on_store_error = allow)");
@@ -443,7 +458,8 @@ async fn forward_once(
         return outcome;
     }
     count("first");
-    let deterministic = matches!(&outcome.response, Ok(r) if dedup::is_deterministic(r.status().as_u16()));
+    let deterministic =
+        matches!(&outcome.response, Ok(r) if dedup::is_deterministic(r.status().as_u16()));
     if !deterministic {
         // Transient (408, 429, 5xx, timeout, unreachable): forget, so the sender's retry goes through.
         if let Err(e) = shared.dedup.release(id).await {
@@ -464,7 +480,10 @@ async fn forward_once(
 
 /// Builds the store entry for a deterministic answer; for a 4xx with a small body, keeps the body
 /// to replay it (and hands back an equivalent response).
-async fn remember(response: Response<GatewayBody>, fingerprint: Fingerprint) -> (Response<GatewayBody>, Entry) {
+async fn remember(
+    response: Response<GatewayBody>,
+    fingerprint: Fingerprint,
+) -> (Response<GatewayBody>, Entry) {
     let status = response.status().as_u16();
     let reference = response
         .headers()
@@ -487,9 +506,18 @@ async fn remember(response: Response<GatewayBody>, fingerprint: Fingerprint) -> 
         let mut body = Vec::new();
         if small {
             let (parts, incoming) = response.into_parts();
-            let bytes = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let bytes = incoming
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             body = bytes.to_vec();
-            response = Response::from_parts(parts, Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
+            response = Response::from_parts(
+                parts,
+                Full::new(bytes)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
         }
         replay = Some(Box::new(Replay { content_type, body }));
     }
@@ -510,8 +538,13 @@ fn replay_response(status: u16, replay: Option<Box<Replay>>) -> Response<Gateway
         Some(r) => (r.content_type, r.body),
         None => (None, Vec::new()),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
-    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
     if let Some(ct) = content_type.as_deref().and_then(header_value) {
         response.headers_mut().insert(CONTENT_TYPE, ct);
     }

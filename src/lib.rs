@@ -160,7 +160,7 @@ impl Gateway {
         // Safe: a bound TcpListener always has a local address.
         self.listener
             .local_addr()
-            .unwrap_or_else(|_| self.settings.listen.address)
+            .unwrap_or(self.settings.listen.address)
     }
 
     /// The bound admin address, if the admin listener is enabled.
@@ -202,9 +202,10 @@ impl Gateway {
                 drain_rx.clone(),
             ));
         }
-        tokio::spawn(readiness.probe_upstreams(
+        tokio::spawn(readiness.probe(
             shared.upstreams.authorities(),
             settings.upstream.connect_timeout,
+            shared.dedup.clone(),
             drain_rx.clone(),
         ));
         let limit = Arc::new(Semaphore::new(settings.listen.max_connections));

@@ -89,12 +89,9 @@ impl Metrics {
             requests: Family::default(),
             rejections: Family::default(),
             dedup: Family::default(),
-            upstream_duration: Histogram::new(
-                [
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.1, 5.0, 10.0,
-                ]
-                .into_iter(),
-            ),
+            upstream_duration: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.1, 5.0, 10.0,
+            ]),
             tls_handshake_failures: Family::default(),
             certificate_expiry: Family::default(),
             reloads: Family::default(),

@@ -145,7 +145,11 @@ impl Upstreams {
     }
 
     /// The request body, streamed, cut off at `max_body` (413 up front when Content-Length says so).
-    pub fn streaming_body(&self, headers: &HeaderMap, body: Incoming) -> Result<GatewayBody, Refusal> {
+    pub fn streaming_body(
+        &self,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<GatewayBody, Refusal> {
         self.check_declared_length(headers)?;
         Ok(Limited::new(body, self.max_body as usize)
             .map_err(|e| e as BoxError)
@@ -153,7 +157,11 @@ impl Upstreams {
     }
 
     /// The whole request body, read into memory but never beyond `max_body` (413).
-    pub async fn buffered_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
+    pub async fn buffered_body(
+        &self,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<Bytes, Refusal> {
         self.check_declared_length(headers)?;
         match Limited::new(body, self.max_body as usize).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
@@ -163,7 +171,9 @@ impl Upstreams {
             Err(e) => {
                 // The client went away or sent a broken body: nothing was forwarded.
                 tracing::info!(error = %e, "request body could not be read");
-                Err(Refusal::InvalidRequest("The request body could not be read".into()))
+                Err(Refusal::InvalidRequest(
+                    "The request body could not be read".into(),
+                ))
             }
         }
     }

@@ -50,7 +50,12 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     /// A store of at most `max_entries`, evictions counted as `dedup_total{outcome="evicted"}`.
-    pub fn new(max_entries: u64, ttl: Duration, in_flight: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        max_entries: u64,
+        ttl: Duration,
+        in_flight: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_entries)
             .expire_after(EntryExpiry { ttl, in_flight })
@@ -91,7 +96,7 @@ impl MemoryStore {
     }
 
     /// Entries held (approximate; for benchmarks and tests).
-    pub async fn len(&self) -> u64 {
+    pub async fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks().await;
         self.cache.entry_count()
     }
@@ -103,7 +108,12 @@ mod tests {
 
     fn store(max: u64) -> MemoryStore {
         let (metrics, _) = Metrics::new();
-        MemoryStore::new(max, Duration::from_secs(3600), Duration::from_secs(30), Arc::new(metrics))
+        MemoryStore::new(
+            max,
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+            Arc::new(metrics),
+        )
     }
 
     fn id(n: u128) -> RequestId {
@@ -115,7 +125,10 @@ mod tests {
         let s = store(100);
         let fp = Fingerprint([1; 32]);
         assert_eq!(s.claim(id(1), fp).await, Claim::First);
-        assert_eq!(s.claim(id(1), fp).await, Claim::Seen(Entry::InFlight { fingerprint: fp }));
+        assert_eq!(
+            s.claim(id(1), fp).await,
+            Claim::Seen(Entry::InFlight { fingerprint: fp })
+        );
         assert_eq!(s.claim(id(1), Fingerprint([2; 32])).await, Claim::Conflict);
     }
 
@@ -124,7 +137,12 @@ mod tests {
         let s = store(100);
         let fp = Fingerprint([1; 32]);
         s.claim(id(1), fp).await;
-        let done = Entry::Done { fingerprint: fp, status: 201, reference: None, replay: None };
+        let done = Entry::Done {
+            fingerprint: fp,
+            status: 201,
+            reference: None,
+            replay: None,
+        };
         s.complete(id(1), done.clone()).await;
         assert_eq!(s.claim(id(1), fp).await, Claim::Seen(done));
         s.claim(id(2), fp).await;
@@ -157,6 +175,6 @@ mod tests {
         for n in 0..5000 {
             s.claim(id(n), Fingerprint([0; 32])).await;
         }
-        assert!(s.len().await <= 1000, "{}", s.len().await);
+        assert!(s.entry_count().await <= 1000, "{}", s.entry_count().await);
     }
 }

@@ -172,7 +172,11 @@ impl DedupStore {
 
     /// Claims `id` for a request with `fingerprint`: atomically records it in flight unless an
     /// entry exists, and reports what was there.
-    pub async fn claim(&self, id: RequestId, fingerprint: Fingerprint) -> Result<Claim, StoreError> {
+    pub async fn claim(
+        &self,
+        id: RequestId,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim, StoreError> {
         match self {
             DedupStore::Memory(s) => Ok(s.claim(id, fingerprint).await),
             DedupStore::Redis(s) => s.claim(id, fingerprint).await,
@@ -213,7 +217,8 @@ impl DedupStore {
 /// Whether an upstream status is a deterministic answer worth remembering (DESIGN.md §5): 2xx,
 /// and 4xx other than 408 (timeout), 425 (too early) and 429 (throttled), which invite a retry.
 pub fn is_deterministic(status: u16) -> bool {
-    (200..300).contains(&status) || ((400..500).contains(&status) && ![408, 425, 429].contains(&status))
+    (200..300).contains(&status)
+        || ((400..500).contains(&status) && ![408, 425, 429].contains(&status))
 }
 
 mod hex_bytes {
@@ -251,8 +256,14 @@ mod tests {
 
     fn headers() -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert("x-correlation-id", HeaderValue::from_static("9562466f-c982-4bd5-bb0e-255e9f5e6689"));
-        h.insert("content-type", HeaderValue::from_static("application/fhir+json"));
+        h.insert(
+            "x-correlation-id",
+            HeaderValue::from_static("9562466f-c982-4bd5-bb0e-255e9f5e6689"),
+        );
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/fhir+json"),
+        );
         h.insert("nhsd-target-identifier", HeaderValue::from_static("eyJ9"));
         h.insert("authorization", HeaderValue::from_static("Bearer one"));
         h
@@ -264,17 +275,44 @@ mod tests {
         let a = Fingerprint::of(&Method::POST, &uri, &headers(), b"{}");
         let mut h2 = headers();
         h2.insert("authorization", HeaderValue::from_static("Bearer two"));
-        assert_eq!(a, Fingerprint::of(&Method::POST, &uri, &h2, b"{}"), "a fresh token is still a retry");
-        assert_ne!(a, Fingerprint::of(&Method::POST, &uri, &headers(), b"{ }"), "body counts");
-        assert_ne!(a, Fingerprint::of(&Method::PUT, &uri, &headers(), b"{}"), "method counts");
+        assert_eq!(
+            a,
+            Fingerprint::of(&Method::POST, &uri, &h2, b"{}"),
+            "a fresh token is still a retry"
+        );
+        assert_ne!(
+            a,
+            Fingerprint::of(&Method::POST, &uri, &headers(), b"{ }"),
+            "body counts"
+        );
+        assert_ne!(
+            a,
+            Fingerprint::of(&Method::PUT, &uri, &headers(), b"{}"),
+            "method counts"
+        );
         let other: Uri = "/$process-message?x=1".parse().unwrap();
-        assert_ne!(a, Fingerprint::of(&Method::POST, &other, &headers(), b"{}"), "query counts");
+        assert_ne!(
+            a,
+            Fingerprint::of(&Method::POST, &other, &headers(), b"{}"),
+            "query counts"
+        );
         let mut h3 = headers();
-        h3.insert("x-correlation-id", HeaderValue::from_static("00000000-c982-4bd5-bb0e-255e9f5e6689"));
-        assert_ne!(a, Fingerprint::of(&Method::POST, &uri, &h3, b"{}"), "correlation id counts");
+        h3.insert(
+            "x-correlation-id",
+            HeaderValue::from_static("00000000-c982-4bd5-bb0e-255e9f5e6689"),
+        );
+        assert_ne!(
+            a,
+            Fingerprint::of(&Method::POST, &uri, &h3, b"{}"),
+            "correlation id counts"
+        );
         let mut h4 = headers();
         h4.remove("content-type");
-        assert_ne!(a, Fingerprint::of(&Method::POST, &uri, &h4, b"{}"), "content type counts");
+        assert_ne!(
+            a,
+            Fingerprint::of(&Method::POST, &uri, &h4, b"{}"),
+            "content type counts"
+        );
     }
 
     #[test]

@@ -78,7 +78,11 @@ impl RedisStore {
     }
 
     /// `SET NX PX` the in-flight entry; if the key exists, read what is there.
-    pub async fn claim(&self, id: RequestId, fingerprint: Fingerprint) -> Result<Claim, StoreError> {
+    pub async fn claim(
+        &self,
+        id: RequestId,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim, StoreError> {
         let key = Self::key(id);
         let value = Self::encode(&Entry::InFlight { fingerprint })?;
         // The key can vanish between SET NX and GET (released or expired): then claim again.
@@ -103,7 +107,9 @@ impl RedisStore {
                 return Ok(Claim::from_existing(Some(entry), fingerprint));
             }
         }
-        Err(StoreError(format!("{key} kept changing while being claimed")))
+        Err(StoreError(format!(
+            "{key} kept changing while being claimed"
+        )))
     }
 
     /// Replaces the in-flight entry with the answer, for the full ttl.

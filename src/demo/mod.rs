@@ -68,7 +68,8 @@ impl Outcome {
     }
 }
 
-/// Runs the demo. Must run inside a multi-threaded Tokio runtime.
+/// Runs the demo; with `once`, returns after the scenario, else after Ctrl-C or SIGTERM. Needs a
+/// Tokio runtime with I/O, time and signals enabled.
 pub async fn run(once: bool) -> Result<Outcome, DemoError> {
     let dir = tempfile::Builder::new()
         .prefix("bars-gateway-demo-")

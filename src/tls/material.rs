@@ -270,7 +270,7 @@ fn decrypt_pkcs8(
     let begin = text
         .find("-----BEGIN ENCRYPTED PRIVATE KEY-----")
         .unwrap_or_default();
-    let (label, der) = pkcs8::der::pem::decode_vec(text[begin..].as_bytes())
+    let (label, der) = pkcs8::der::pem::decode_vec(&text.as_bytes()[begin..])
         .map_err(|e| MaterialError::new(KEY, path, format!("invalid PEM: {e}")))?;
     if label != "ENCRYPTED PRIVATE KEY" {
         return Err(MaterialError::new(

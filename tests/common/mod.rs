@@ -315,6 +315,8 @@ pub enum Reply {
     With(StatusCode, Vec<(&'static str, &'static str)>, Bytes),
     /// Never answers (until the test ends).
     Never,
+    /// Answers with the status once the gate opens (`Notify::notify_waiters` or a permit).
+    Gated(Arc<tokio::sync::Semaphore>, StatusCode),
 }
 
 /// A counting upstream on loopback that records every request.
@@ -367,6 +369,13 @@ impl TestUpstream {
                                     Result<Response<Full<Bytes>>, Infallible>,
                                 >()
                                 .await,
+                                Reply::Gated(gate, status) => {
+                                    let _permit = gate.acquire().await;
+                                    let mut resp =
+                                        Response::new(Full::new(Bytes::from_static(b"{}")));
+                                    *resp.status_mut() = status;
+                                    Ok(resp)
+                                }
                                 Reply::With(status, headers, body) => {
                                     let mut resp = Response::new(Full::new(body));
                                     *resp.status_mut() = status;
@@ -410,6 +419,19 @@ impl TestUpstream {
     /// The requests that reached it.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests have reached it (no polling: woken on each arrival).
+    pub async fn wait_for_count(&self, n: usize) {
+        loop {
+            let notified = self.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count() >= n {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The one request that reached it.
@@ -639,4 +661,99 @@ pub fn metadata() -> Request<Full<Bytes>> {
     bars_request("GET", "/metadata", Bytes::new())
         .body(Full::new(Bytes::new()))
         .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A real `redis-server` on a free loopback port, killed on drop. `None` (with a loud message)
+/// when redis-server is not on PATH; CI installs it, so CI never skips.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers PING.
+    pub async fn start() -> Option<RedisServer> {
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("\n*** SKIPPED: redis-server is not on PATH (apt-get install redis-server); .ci/run installs it ***\n");
+            return None;
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        server.spawn();
+        Some(server)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(self._dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+    }
+
+    /// `redis://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until the server answers PING (its readiness signal), up to 10 s.
+    pub async fn wait_ready(&self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for _ in 0..500 {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let _ = s.write_all(b"PING\r\n").await;
+                let mut buf = [0u8; 7];
+                if s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n" {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not become ready");
+    }
+
+    /// Stops the server (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: it keeps nothing on disk).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
