@@ -333,11 +333,34 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading TLS material");
+            systemd_notify(&[
+                sd_notify::NotifyState::Reloading,
+                sd_notify::NotifyState::monotonic_usec_now()
+                    .unwrap_or(sd_notify::NotifyState::Status("reloading")),
+            ]);
             let _ = reloader.reload().await;
+            systemd_notify(&[sd_notify::NotifyState::Ready]);
         }
     });
-    gateway.serve(shutdown_signal()).await;
+    // Bound and loaded: tell systemd (Type=notify) we are ready.
+    systemd_notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("listening on {}", gateway.local_addr())),
+    ]);
+    gateway
+        .serve(async {
+            shutdown_signal().await;
+            systemd_notify(&[sd_notify::NotifyState::Stopping]);
+        })
+        .await;
     Ok(())
+}
+
+/// Notifies systemd when running under it (`$NOTIFY_SOCKET` set); a no-op otherwise.
+fn systemd_notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 async fn shutdown_signal() {

@@ -123,7 +123,14 @@ impl Upstreams {
                 return Ok(up);
             }
         }
-        self.default.as_ref().ok_or(Refusal::UnknownTarget)
+        match (&self.default, target) {
+            (Some(default), _) => Ok(default),
+            // Only routes serve: a request naming no target (allowed on /metadata) cannot be routed.
+            (None, None) => Err(Refusal::MissingHeader {
+                header: "NHSD-Target-Identifier",
+            }),
+            (None, Some(_)) => Err(Refusal::UnknownTarget),
+        }
     }
 
     /// `host:port` of every upstream, for the readiness probe.
