@@ -15,6 +15,7 @@ pub mod demo;
 pub mod gateway;
 pub mod idle;
 pub mod metrics;
+pub mod reload;
 pub mod tls;
 pub mod upstream;
 
@@ -28,10 +29,12 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use admission::{AdmissionPolicy, IpAllowlist, RefusalLogLimiter};
+use admission::RefusalLogLimiter;
 use config::{LogFormat, LogSettings, Settings};
 use gateway::{LiveState, Shared};
-use metrics::{Metrics, ResultLabel};
+use metrics::Metrics;
+use reload::admission_policy;
+pub use reload::Reloader;
 use tls::material::MaterialError;
 
 /// Why the gateway could not start.
@@ -63,21 +66,8 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     registry: Arc<Registry>,
     readiness: Arc<admin::Readiness>,
-}
-
-/// Triggers reloads of the TLS material and admission lists of a running gateway.
-#[derive(Clone)]
-pub struct Reloader {
-    settings: Settings,
-    shared: Arc<Shared>,
-}
-
-fn admission_policy(settings: &Settings) -> AdmissionPolicy {
-    AdmissionPolicy {
-        allowed_ips: IpAllowlist::new(settings.client.allowed_ips.clone()),
-        trusted_proxies: IpAllowlist::new(settings.listen.trusted_proxies.clone()),
-        proxy_header_timeout: settings.listen.header_read_timeout,
-    }
+    reloader: Arc<Reloader>,
+    file_watch: reload::FileWatch,
 }
 
 impl Gateway {
@@ -145,8 +135,12 @@ impl Gateway {
             audit: settings.log.audit,
             http: Shared::http_builder(&settings.listen),
         });
+        let reloader = Arc::new(Reloader::new(shared.clone(), settings.clone()));
+        let file_watch = reloader.start_watching();
         Ok(Gateway {
             settings,
+            reloader,
+            file_watch,
             shared,
             listener,
             admin,
@@ -174,11 +168,8 @@ impl Gateway {
     }
 
     /// A handle that reloads TLS material and admission lists.
-    pub fn reloader(&self) -> Reloader {
-        Reloader {
-            settings: self.settings.clone(),
-            shared: self.shared.clone(),
-        }
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets connections finish their
@@ -191,6 +182,8 @@ impl Gateway {
             admin,
             registry,
             readiness,
+            reloader,
+            file_watch,
         } = self;
         let (drain_tx, drain_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -208,6 +201,7 @@ impl Gateway {
             shared.dedup.clone(),
             drain_rx.clone(),
         ));
+        tokio::spawn(reloader.watch(file_watch, drain_rx.clone()));
         let limit = Arc::new(Semaphore::new(settings.listen.max_connections));
         tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "bars-gateway listening");
         tokio::pin!(shutdown);
@@ -258,48 +252,6 @@ impl Gateway {
     }
 }
 
-impl Reloader {
-    /// Reloads TLS material from disk. On failure the old material stays in service.
-    pub async fn reload(&self) -> Result<(), MaterialError> {
-        let tls_settings = self.settings.tls.clone();
-        let client_settings = self.settings.client.clone();
-        let result =
-            tokio::task::spawn_blocking(move || tls::load(&tls_settings, &client_settings))
-                .await
-                .map_err(|e| MaterialError {
-                    key: "tls".into(),
-                    path: Default::default(),
-                    problem: format!("loading task failed: {e}"),
-                })
-                .and_then(|r| r);
-        match result {
-            Ok(loaded) => {
-                self.shared.metrics.record_certificates(&loaded);
-                self.shared.live.store(Arc::new(LiveState {
-                    tls: loaded,
-                    admission: admission_policy(&self.settings),
-                }));
-                self.shared
-                    .metrics
-                    .reloads
-                    .get_or_create(&ResultLabel { result: "success" })
-                    .inc();
-                tracing::info!("TLS material reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                self.shared
-                    .metrics
-                    .reloads
-                    .get_or_create(&ResultLabel { result: "failure" })
-                    .inc();
-                tracing::error!(error = %e, "reload failed; the previous TLS material stays in service");
-                Err(e)
-            }
-        }
-    }
-}
-
 /// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
 pub fn init_logging(log: &LogSettings) {
     let filter = std::env::var("RUST_LOG")
@@ -332,7 +284,7 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
             return;
         };
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading TLS material");
+            tracing::info!("SIGHUP: reloading the config file's TLS material and admission lists");
             systemd_notify(&[
                 sd_notify::NotifyState::Reloading,
                 sd_notify::NotifyState::monotonic_usec_now()

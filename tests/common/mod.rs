@@ -63,6 +63,8 @@ impl ClientCert {
 /// A throwaway PKI written to a temp dir.
 pub struct TestPki {
     pub dir: tempfile::TempDir,
+    sub: Issuer<'static, KeyPair>,
+    server_key: KeyPair,
 }
 
 fn ca_params(cn: &str) -> CertificateParams {
@@ -123,6 +125,7 @@ impl TestPki {
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         sp.distinguished_name.push(DnType::CommonName, "localhost");
         sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        sp.serial_number = Some(SerialNumber::from(1u64));
         let server_cert = sp.signed_by(&server_key, &sub).unwrap();
         write(
             d,
@@ -195,7 +198,48 @@ impl TestPki {
         .signed_by(&sub)
         .unwrap();
         write(d, "sub.crl.pem", &crl.pem().unwrap());
-        TestPki { dir }
+        let empty_crl = CertificateRevocationListParams {
+            this_update: now - time::Duration::days(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from(2u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&sub)
+        .unwrap();
+        write(d, "empty.crl.pem", &empty_crl.pem().unwrap());
+        TestPki {
+            dir,
+            sub,
+            server_key,
+        }
+    }
+
+    /// Replaces a file the way operators should: write beside it, then rename into place.
+    pub fn replace_file(&self, name: &str, contents: &[u8]) {
+        let tmp = self.path(&format!(".{name}.new"));
+        std::fs::write(&tmp, contents).unwrap();
+        std::fs::rename(&tmp, self.path(name)).unwrap();
+    }
+
+    /// Issues a new server certificate (same key, new serial) and renames it into place as
+    /// `server-chain.pem`; returns its SHA-256.
+    pub fn reissue_server(&self, serial: u64) -> String {
+        let mut sp =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        sp.distinguished_name.push(DnType::CommonName, "localhost");
+        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        sp.serial_number = Some(SerialNumber::from(serial));
+        let cert = sp.signed_by(&self.server_key, &self.sub).unwrap();
+        let sub_pem = std::fs::read_to_string(self.path("sub.pem")).unwrap();
+        self.replace_file(
+            "server-chain.pem",
+            format!("{}{}", cert.pem(), sub_pem).as_bytes(),
+        );
+        bars_gateway::tls::inspect::CertSummary::from_der(cert.der())
+            .unwrap()
+            .sha256_hex()
     }
 
     /// A file in the PKI's directory.
@@ -456,7 +500,7 @@ pub async fn dead_port_url() -> String {
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
-    pub reloader: bars_gateway::Reloader,
+    pub reloader: Arc<bars_gateway::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -756,4 +800,17 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// SHA-256 (hex) of the certificate the gateway serves on a new handshake.
+pub async fn served_certificate(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> String {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    bars_gateway::tls::inspect::CertSummary::from_der(&leaf)
+        .unwrap()
+        .sha256_hex()
 }
