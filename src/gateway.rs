@@ -671,7 +671,7 @@ impl AuditRecord {
             endpoint = self.endpoint.unwrap_or("-"),
             request_id = self.request_id.as_deref().unwrap_or("-"),
             correlation_id = self.correlation_id.as_deref().unwrap_or("-"),
-            target = self.target.as_deref().unwrap_or("-"),
+            bars_target = self.target.as_deref().unwrap_or("-"),
             ods_code = self.ods_code.as_deref().unwrap_or("-"),
             software = self.software.as_deref().unwrap_or("-"),
             status,

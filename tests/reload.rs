@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -271,71 +269,6 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 // --- The real binary: SIGHUP and SIGTERM ------------------------------------------------------
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `bars-gateway run` on a free port with info logs; returns the child, its port and a
-/// channel of its stderr lines.
-fn spawn_gateway(
-    pki: &TestPki,
-    upstream_url: &str,
-) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
-    let port = free_port();
-    let toml = pki
-        .config_toml(upstream_url)
-        .replace(
-            "address = \"127.0.0.1:0\"\nheader_read_timeout",
-            &format!("address = \"127.0.0.1:{port}\"\nheader_read_timeout"),
-        )
-        .replace("level = \"warn\"", "level = \"info\"");
-    std::fs::write(pki.path("config.toml"), toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bars-gateway"))
-        .args(["run", "--config", pki.path("config.toml").to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("gateway: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, port, rx)
-}
-
-/// Waits (up to 20 s) for a stderr line containing `text`.
-fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, text: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(text) => return,
-            Ok(_) => continue,
-            Err(_) => panic!("no log line containing {text:?} within 20 s"),
-        }
-    }
-}
-
-fn signal(child: &std::process::Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 #[tokio::test]
 async fn sighup_reloads_the_running_binary() {

@@ -369,6 +369,7 @@ pub struct TestUpstream {
     seen: Arc<Mutex<Vec<Seen>>>,
     reply: Arc<Mutex<Reply>>,
     arrived: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl TestUpstream {
@@ -384,7 +385,7 @@ impl TestUpstream {
         )));
         let arrived = Arc::new(Notify::new());
         let (s, r, a) = (seen.clone(), reply.clone(), arrived.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
@@ -442,7 +443,13 @@ impl TestUpstream {
             seen,
             reply,
             arrived,
+            task,
         }
+    }
+
+    /// Stops accepting connections (the listener is closed: connects are refused).
+    pub fn stop(&self) {
+        self.task.abort();
     }
 
     /// `http://127.0.0.1:port`.
@@ -814,3 +821,80 @@ pub async fn served_certificate(addr: SocketAddr, config: Arc<rustls::ClientConf
         .unwrap()
         .sha256_hex()
 }
+
+// --- The real binary -------------------------------------------------------------------------
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `bars-gateway run` on a free port with info logs; returns the child, its port and a
+/// channel of its stderr lines.
+pub fn spawn_gateway(
+    pki: &TestPki,
+    upstream_url: &str,
+) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+    spawn_gateway_with(pki, upstream_url, |toml| toml)
+}
+
+/// Like [`spawn_gateway`], with the config text adjusted by `edit` before start.
+pub fn spawn_gateway_with(
+    pki: &TestPki,
+    upstream_url: &str,
+    edit: impl FnOnce(String) -> String,
+) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+    let port = free_port();
+    let toml = pki
+        .config_toml(upstream_url)
+        .replace(
+            "address = \"127.0.0.1:0\"\nheader_read_timeout",
+            &format!("address = \"127.0.0.1:{port}\"\nheader_read_timeout"),
+        )
+        .replace("level = \"warn\"", "level = \"info\"");
+    std::fs::write(pki.path("config.toml"), edit(toml)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bars-gateway"))
+        .args(["run", "--config", pki.path("config.toml").to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            eprintln!("gateway: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, port, rx)
+}
+
+/// Waits (up to 20 s) for a stderr line containing `text`.
+pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return,
+            Ok(_) => continue,
+            Err(_) => panic!("no log line containing {text:?} within 20 s"),
+        }
+    }
+}
+
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
