@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::dedup::DedupStore;
+use crate::metrics::Metrics;
 use crate::tls::inspect::unix_now;
 
 /// How often the upstreams are probed.
@@ -56,12 +57,21 @@ impl Readiness {
         authorities: Vec<String>,
         connect_timeout: Duration,
         store: Arc<DedupStore>,
+        metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        // Starts "reachable" so that only a real outage is logged, once.
+        let mut store_was_ok = true;
         loop {
             let store_ok = store.is_reachable().await;
-            if !store_ok {
-                tracing::warn!("readiness probe: dedup store unreachable");
+            // Log transitions only: a Redis outage must not write a line every probe.
+            if store_ok != store_was_ok {
+                if store_ok {
+                    tracing::info!("readiness probe: dedup store reachable again");
+                } else {
+                    tracing::warn!("readiness probe: dedup store unreachable");
+                }
+                store_was_ok = store_ok;
             }
             self.store_ok.store(store_ok, Ordering::Relaxed);
             let mut all_ok = true;
@@ -81,6 +91,7 @@ impl Readiness {
             } else {
                 self.upstream_ok_at.store(0, Ordering::Relaxed);
             }
+            metrics.ready.set(i64::from(self.is_ready()));
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
                 _ = crate::drained(&mut shutdown) => return,

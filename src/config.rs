@@ -210,7 +210,7 @@ pub enum DedupBackend {
     Memory,
     /// Shared Redis (several replicas behave as one; survives restarts).
     Redis {
-        /// `redis://host:port/db` (or `rediss://`).
+        /// `redis://host:port/db` or `unix:///path/to/socket`.
         url: String,
     },
 }
@@ -871,13 +871,17 @@ impl Validator {
                 let url = raw
                     .redis_url
                     .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
-                if !(url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("unix://"))
-                {
+                if url.starts_with("rediss://") {
                     return Err(self.err(
                         "dedup.redis_url",
-                        format!("{url:?} is not a redis://, rediss:// or unix:// URL"),
+                        "TLS to Redis (rediss://) is not supported: run Redis on the same host or a \
+                         private network, or reach it through a local TLS tunnel (stunnel)",
+                    ));
+                }
+                if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+                    return Err(self.err(
+                        "dedup.redis_url",
+                        format!("{url:?} is not a redis:// or unix:// URL"),
                     ));
                 }
                 DedupBackend::Redis { url }
@@ -1156,6 +1160,23 @@ url = "http://127.0.0.1:8080/legacy/fhir/"
             let msg = parse_err(&MINIMAL.replace(from, to));
             assert!(msg.contains(key), "expected {key} in {msg}");
         }
+    }
+
+    #[test]
+    fn dedup_defaults_and_choices() {
+        let s = parse_ok(MINIMAL);
+        assert_eq!(s.dedup.backend, DedupBackend::Memory);
+        assert_eq!(s.dedup.ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(s.dedup.methods.len(), 4);
+        assert_eq!(s.dedup.on_store_error, OnStoreError::Reject);
+        let s = parse_ok(&format!("{MINIMAL}\n[dedup]\nstore = \"redis\"\nmethods = [\"post\"]\non_store_error = \"allow\"\n"));
+        assert_eq!(s.dedup.backend, DedupBackend::Redis { url: "redis://127.0.0.1:6379".into() });
+        assert_eq!(s.dedup.methods, vec![http::Method::POST]);
+        assert_eq!(s.dedup.on_store_error, OnStoreError::Allow);
+        let msg = parse_err(&format!("{MINIMAL}\n[dedup]\nstore = \"redis\"\nredis_url = \"rediss://r:6380\"\n"));
+        assert!(msg.contains("dedup.redis_url") && msg.contains("not supported"), "{msg}");
+        let msg = parse_err(&format!("{MINIMAL}\n[dedup]\nstore = \"disk\"\n"));
+        assert!(msg.contains("dedup.store"), "{msg}");
     }
 
     #[test]

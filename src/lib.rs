@@ -43,6 +43,9 @@ pub enum StartError {
     /// TLS material is missing or invalid.
     #[error(transparent)]
     Tls(#[from] MaterialError),
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals,
     /// The dedup store is misconfigured.
     #[error("dedup.redis_url: {0}")]
     Dedup(String),
@@ -199,6 +202,7 @@ impl Gateway {
             shared.upstreams.authorities(),
             settings.upstream.connect_timeout,
             shared.dedup.clone(),
+            shared.metrics.clone(),
             drain_rx.clone(),
         ));
         tokio::spawn(reloader.watch(file_watch, drain_rx.clone()));
@@ -237,8 +241,9 @@ impl Gateway {
                 drop(alive);
             });
         }
-        tracing::info!(grace = ?settings.listen.shutdown_grace, "draining: no new connections, finishing requests in flight");
+        // Close the listener first, so that once "draining" is logged no connection can get in.
         drop(listener);
+        tracing::info!(grace = ?settings.listen.shutdown_grace, "draining: no new connections, finishing requests in flight");
         let _ = drain_tx.send(true);
         drop(alive_tx);
         // recv() returns None once every connection task has dropped its sender.
@@ -276,13 +281,20 @@ pub fn init_logging(log: &LogSettings) {
 
 /// Runs the gateway from validated settings until SIGTERM or SIGINT; SIGHUP reloads TLS material.
 pub async fn run(settings: Settings) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Register the handlers before anything else: a signal arriving before its handler exists
+    // gets the default action, which for SIGHUP and SIGTERM is to die on the spot.
+    let signals = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = signals else {
+        return Err(StartError::Signals);
+    };
     let gateway = Gateway::bind(settings).await?;
     let reloader = gateway.reloader();
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config file's TLS material and admission lists");
             systemd_notify(&[
@@ -300,8 +312,11 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
         sd_notify::NotifyState::Status(&format!("listening on {}", gateway.local_addr())),
     ]);
     gateway
-        .serve(async {
-            shutdown_signal().await;
+        .serve(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
             systemd_notify(&[sd_notify::NotifyState::Stopping]);
         })
         .await;
@@ -312,22 +327,6 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
 fn systemd_notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the gateway can only be killed; keep serving.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }
 

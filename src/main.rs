@@ -43,26 +43,14 @@ fn main() -> ExitCode {
     // clap exits with 2 on usage errors, as DESIGN.md §2 asks.
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo { once } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("bars-gateway: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match runtime.block_on(bars_gateway::demo::run(once)) {
-                Ok(outcome) if outcome.success() => ExitCode::SUCCESS,
-                Ok(_) => ExitCode::from(1),
-                Err(e) => {
-                    eprintln!("bars-gateway demo: {e}");
-                    ExitCode::from(1)
-                }
+        Command::Demo { once } => block_on(bars_gateway::demo::run(once), |result| match result {
+            Ok(outcome) if outcome.success() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("bars-gateway demo: {e}");
+                ExitCode::from(1)
             }
-        }
+        }),
         Command::Check { config } => {
             let report = bars_gateway::check::check(&config);
             print!("{}", report.text);
@@ -81,24 +69,25 @@ fn main() -> ExitCode {
                 }
             };
             bars_gateway::init_logging(&settings.log);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("bars-gateway: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match runtime.block_on(bars_gateway::run(settings)) {
+            block_on(bars_gateway::run(settings), |result| match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start");
                     eprintln!("bars-gateway: {e}");
                     ExitCode::from(1)
                 }
-            }
+            })
+        }
+    }
+}
+
+/// Runs `future` on a multi-threaded Tokio runtime and maps its result to an exit code.
+fn block_on<F: std::future::Future>(future: F, exit: impl FnOnce(F::Output) -> ExitCode) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => exit(runtime.block_on(future)),
+        Err(e) => {
+            eprintln!("bars-gateway: cannot start the runtime: {e}");
+            ExitCode::from(1)
         }
     }
 }

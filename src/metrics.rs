@@ -79,6 +79,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     /// Open client connections.
     pub connections_open: Gauge,
+    /// 1 when `/readyz` would answer 200, else 0 (so alerts need no HTTP prober).
+    pub ready: Gauge,
 }
 
 impl Metrics {
@@ -96,6 +98,7 @@ impl Metrics {
             certificate_expiry: Family::default(),
             reloads: Family::default(),
             connections_open: Gauge::default(),
+            ready: Gauge::default(),
         };
         registry.register(
             "requests",
@@ -137,6 +140,11 @@ impl Metrics {
             "connections_open",
             "Open client connections",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when ready (TLS loaded, upstreams accepting, dedup store reachable), else 0",
+            m.ready.clone(),
         );
         registry.register(
             "build",

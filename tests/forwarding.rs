@@ -9,8 +9,6 @@ use bytes::Bytes;
 use common::*;
 use http::StatusCode;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn authorization_never_reaches_the_upstream() {
@@ -173,18 +171,7 @@ async fn chunked_body_over_max_body_gets_413() {
     let request = bars_request("POST", "/$process-message", Bytes::new())
         .body(Chunks(8))
         .unwrap();
-    let tcp = TcpStream::connect(rig.gateway.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(rig.pki.client_config(Some(ClientCert::Proxy)))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect_http1(rig.gateway.addr, rig.pki.client_config(Some(ClientCert::Proxy))).await;
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 413);
     // The upstream may have seen the start of a chunked request that never completed; it must
@@ -244,18 +231,7 @@ async fn upstream_base_path_is_prefixed_and_query_kept() {
 #[tokio::test]
 async fn many_requests_on_one_kept_alive_connection_all_arrive() {
     let rig = Rig::start().await;
-    let tcp = TcpStream::connect(rig.gateway.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(rig.pki.client_config(Some(ClientCert::Proxy)))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect_http1(rig.gateway.addr, rig.pki.client_config(Some(ClientCert::Proxy))).await;
     for _ in 0..20 {
         sender.ready().await.unwrap();
         let response = sender.send_request(metadata()).await.unwrap();

@@ -74,6 +74,7 @@ async fn every_metric_family_appears_after_traffic() {
         "bars_gateway_certificate_expiry_timestamp_seconds{role=\"client_ca\",subject=\"O=nhs, OU=CA, CN=Test NHS Root Authority\"}",
         "bars_gateway_reloads_total{result=\"success\"} 1",
         "bars_gateway_connections_open",
+        "bars_gateway_ready",
         "bars_gateway_build_info{version=\"",
     ] {
         assert!(metrics.contains(expected), "missing {expected:?} in:\n{metrics}");

@@ -211,18 +211,7 @@ async fn twenty_reloads_during_two_hundred_requests_lose_none() {
     };
     let config = rig.pki.client_config(Some(ClientCert::Proxy));
     // 100 on one kept-alive connection, interleaved with 100 on new connections.
-    let tcp = TcpStream::connect(rig.gateway.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config.clone())
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut kept, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut kept = connect_http1(rig.gateway.addr, config.clone()).await;
     let mut ok = 0;
     for _ in 0..100 {
         kept.ready().await.unwrap();

@@ -121,43 +121,36 @@ pub fn read_certificates(
     key: &str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, MaterialError> {
-    let bytes = read_file(key, path)?;
-    if looks_like_pem(&bytes) {
-        let certs = CertificateDer::pem_slice_iter(&bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| MaterialError::new(key, path, format!("invalid PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(MaterialError::new(key, path, "no CERTIFICATE block found"));
-        }
-        Ok(certs)
-    } else if bytes.first() == Some(&0x30) {
-        Ok(vec![CertificateDer::from(bytes)])
-    } else {
-        Err(MaterialError::new(
-            key,
-            path,
-            "neither a PEM nor a DER certificate",
-        ))
-    }
+    read_pem_or_der(key, path, "CERTIFICATE", "certificate")
 }
 
 fn read_crls(
     key: &str,
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, MaterialError> {
+    read_pem_or_der(key, path, "X509 CRL", "CRL")
+}
+
+/// Every `label` block of a PEM file, or the whole file as one DER object.
+fn read_pem_or_der<T: PemObject + From<Vec<u8>>>(
+    key: &str,
+    path: &Path,
+    label: &str,
+    what: &str,
+) -> Result<Vec<T>, MaterialError> {
     let bytes = read_file(key, path)?;
     if looks_like_pem(&bytes) {
-        let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        let items = T::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| MaterialError::new(key, path, format!("invalid PEM: {e}")))?;
-        if crls.is_empty() {
-            return Err(MaterialError::new(key, path, "no X509 CRL block found"));
+        if items.is_empty() {
+            return Err(MaterialError::new(key, path, format!("no {label} block found")));
         }
-        Ok(crls)
+        Ok(items)
     } else if bytes.first() == Some(&0x30) {
-        Ok(vec![CertificateRevocationListDer::from(bytes)])
+        Ok(vec![T::from(bytes)])
     } else {
-        Err(MaterialError::new(key, path, "neither a PEM nor a DER CRL"))
+        Err(MaterialError::new(key, path, format!("neither a PEM nor a DER {what}")))
     }
 }
 

@@ -158,20 +158,25 @@ fn build(
         .map_err(|e| chain_err(format!("unsupported TLS versions: {e}")))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| {
-            let problem = match e {
-                rustls::Error::InconsistentKeys(_) => format!(
+        .map_err(|e| match e {
+            // rustls parses the leaf here too: a certificate it cannot use is the certificate's fault.
+            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                chain_err(format!("the server certificate cannot be used: {e}"))
+            }
+            rustls::Error::InconsistentKeys(_) => MaterialError {
+                key: key_key,
+                path: key_path,
+                problem: format!(
                     "the private key does not match the certificate in {} ({})",
                     chain_key,
                     chain_path.display()
                 ),
-                other => format!("the private key cannot be used: {other}"),
-            };
-            MaterialError {
+            },
+            other => MaterialError {
                 key: key_key,
                 path: key_path,
-                problem,
-            }
+                problem: format!("the private key cannot be used: {other}"),
+            },
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);

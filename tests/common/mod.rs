@@ -636,6 +636,26 @@ pub async fn send(
     send_on(tcp, config, request).await
 }
 
+/// Opens a kept-alive HTTP/1.1 connection over TLS (the connection task runs in the background).
+pub async fn connect_http1<B>(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// Sends one request over TLS on an already connected stream.
 pub async fn send_on(
     tcp: TcpStream,
@@ -885,7 +905,12 @@ pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, text: &str) {
         match lines.recv_timeout(left) {
             Ok(line) if line.contains(text) => return,
             Ok(_) => continue,
-            Err(_) => panic!("no log line containing {text:?} within 20 s"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the gateway exited before logging {text:?}")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("no log line containing {text:?} within 20 s")
+            }
         }
     }
 }
