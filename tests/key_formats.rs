@@ -450,3 +450,46 @@ async fn pkcs12_bundle_with_legacy_3des_encryption_serves_handshakes() {
     .unwrap();
     assert_eq!(reply.status, 200);
 }
+
+#[test]
+fn the_key_password_comes_from_the_systemd_credential_when_no_file_is_configured() {
+    if !have_openssl() {
+        return;
+    }
+    let pki = TestPki::new();
+    make_encrypted_rsa_server(&pki);
+    let credentials = pki.path("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::copy(pki.path("key-password"), credentials.join("key-password")).unwrap();
+    let toml = pki.config_toml("http://127.0.0.1:8080").replace(
+        "certificate = \"server-chain.pem\"\nprivate_key = \"server.key\"",
+        "certificate = \"rsa-chain.pem\"\nprivate_key = \"rsa.key\"",
+    );
+    std::fs::write(pki.path("config.toml"), toml).unwrap();
+    let check = |credentials_dir: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bars-gateway"));
+        cmd.args([
+            "check",
+            "--config",
+            pki.path("config.toml").to_str().unwrap(),
+        ]);
+        match credentials_dir {
+            Some(dir) => cmd.env("CREDENTIALS_DIRECTORY", dir),
+            None => cmd.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = check(Some(&credentials));
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = check(None);
+    assert_eq!(
+        code,
+        Some(1),
+        "without the credential the encrypted key cannot be opened: {out}"
+    );
+    assert!(out.contains("private_key_password_file"), "{out}");
+}

@@ -186,6 +186,15 @@ async fn allowed_subjects_and_ips_change_with_the_config_file() {
 }
 
 #[tokio::test]
+async fn polling_reloads_only_when_the_content_changed() {
+    let rig = Rig::start().await;
+    // Unchanged files: the poll does nothing (no reload, no log line, no metric).
+    assert!(rig.gateway.reloader.reload_if_changed().await.is_none());
+    let counts = *rig.gateway.reloader.subscribe().borrow();
+    assert_eq!(counts, ReloadCounts::default());
+}
+
+#[tokio::test]
 async fn restart_only_changes_are_reported_and_not_applied() {
     let rig = Rig::start().await;
     let toml = std::fs::read_to_string(rig.pki.path("config.toml"))

@@ -107,13 +107,18 @@ mod tests {
     use super::*;
 
     fn store(max: u64) -> MemoryStore {
-        let (metrics, _) = Metrics::new();
-        MemoryStore::new(
+        store_with_metrics(max).0
+    }
+
+    fn store_with_metrics(max: u64) -> (MemoryStore, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new().0);
+        let store = MemoryStore::new(
             max,
             Duration::from_secs(3600),
             Duration::from_secs(30),
-            Arc::new(metrics),
-        )
+            metrics.clone(),
+        );
+        (store, metrics)
     }
 
     fn id(n: u128) -> RequestId {
@@ -170,11 +175,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_store_stays_within_max_entries() {
-        let s = store(1000);
+    async fn the_store_stays_within_max_entries_and_counts_evictions() {
+        let (s, metrics) = store_with_metrics(1000);
         for n in 0..5000 {
             s.claim(id(n), Fingerprint([0; 32])).await;
         }
         assert!(s.entry_count().await <= 1000, "{}", s.entry_count().await);
+        let evicted = metrics
+            .dedup
+            .get_or_create(&OutcomeLabel { outcome: "evicted" })
+            .get();
+        assert!(evicted >= 4000, "evictions counted: {evicted}");
     }
 }
