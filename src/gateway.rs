@@ -206,7 +206,14 @@ pub async fn serve_connection(
                 }
                 break;
             }
-            _ = idle.expired(), if !closing => {
+            _ = idle.expired() => {
+                if closing {
+                    // Asked to close and still stuck a whole idle timeout later: a client that
+                    // stopped reading (or an h2 peer that never opens its window) would otherwise
+                    // hold the connection and its max_connections slot for ever.
+                    tracing::info!(client = %admitted.client, "dropping a stalled connection");
+                    break;
+                }
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -272,7 +279,9 @@ async fn check_and_forward(
     audit: &mut AuditRecord,
 ) -> Result<Response<GatewayBody>, Refusal> {
     // Route: a known method and path under the BaRS base path (404 / 405 / 400 for unsafe paths).
-    let route = shared.routes.resolve(request.method(), request.uri())?;
+    let route = shared
+        .routes
+        .resolve(request.method(), request.uri(), request.version())?;
     audit.endpoint = Some(route.endpoint.name());
 
     // Ids: X-Request-Id and X-Correlation-Id present and UUIDs (400).

@@ -163,14 +163,25 @@ impl Upstreams {
             .boxed_unsync())
     }
 
-    /// The whole request body, read into memory but never beyond `max_body` (413).
+    /// The whole request body, read into memory but never beyond `max_body` (413) nor for longer
+    /// than `request_timeout` (400).
     pub async fn buffered_body(
         &self,
         headers: &HeaderMap,
         body: Incoming,
     ) -> Result<Bytes, Refusal> {
         self.check_declared_length(headers)?;
-        match Limited::new(body, self.max_body as usize).collect().await {
+        // hyper has no body read timeout, and the idle timeout does not run while a request is in
+        // flight: without this deadline a body that trickles or stalls would hold the connection,
+        // its buffer and a max_connections slot for ever. The sender has given up by then anyway.
+        let read = Limited::new(body, self.max_body as usize).collect();
+        let Ok(collected) = tokio::time::timeout(self.request_timeout, read).await else {
+            tracing::info!(timeout = ?self.request_timeout, "request body not received in time");
+            return Err(Refusal::InvalidRequest(
+                "The request body was not received in time".into(),
+            ));
+        };
+        match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge {
                 limit: self.max_body,
@@ -241,10 +252,69 @@ impl Upstreams {
         };
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-        ))
+        let body = StallGuard::new(body, self.request_timeout);
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+}
+
+/// A response body that fails when the upstream sends nothing for `timeout` while the gateway
+/// waits for it. `request_timeout` bounds only the wait for response headers; without this, a
+/// receiver that stalls mid-body would hold the client, the connection and its slot for ever.
+/// The time the client takes to read is not counted.
+struct StallGuard {
+    body: Incoming,
+    timeout: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl StallGuard {
+    fn new(body: Incoming, timeout: Duration) -> StallGuard {
+        StallGuard {
+            body,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            waiting: false,
+        }
+    }
+}
+
+impl http_body::Body for StallGuard {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.timeout;
+                    this.deadline.as_mut().reset(deadline);
+                }
+                if std::future::Future::poll(this.deadline.as_mut(), cx).is_ready() {
+                    tracing::warn!(timeout = ?this.timeout, "upstream stalled mid-body: response cut off");
+                    return Poll::Ready(Some(Err("the upstream stalled mid-body".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
     }
 }
 
@@ -273,14 +343,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Prepares request headers for the legacy receiver: hop-by-hop, `Host`, configured and
-/// gateway-owned headers removed; the gateway's own added.
+/// Prepares request headers for the legacy receiver: hop-by-hop, `Host`, configured,
+/// gateway-owned and underscored headers removed; the gateway's own added.
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     strip: &[HeaderName],
     added: &ForwardedHeaders,
 ) {
     remove_hop_by_hop(headers);
+    // CGI-style receivers (PHP, WSGI, Rack, ...) read `X_Client_Cert_Subject` and
+    // `X-Client-Cert-Subject` as the same variable, so an underscored twin could shadow the
+    // gateway's own headers or a validated NHSD one. No BaRS header has an underscore: drop them
+    // all, as nginx does by default (`underscores_in_headers off`).
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(name);
+    }
     // hyper's client sets Host from the upstream URI, as nginx's proxy_pass does by default.
     headers.remove(header::HOST);
     for name in strip {
@@ -358,7 +440,10 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::HOST, HeaderValue::from_static("gateway"));
         h.insert("nhsd-target-identifier", HeaderValue::from_static("abc"));
+        h.insert("x_client_cert_subject", HeaderValue::from_static("CN=evil"));
+        h.insert("nhsd_target_identifier", HeaderValue::from_static("evil"));
         rewrite_request_headers(&mut h, &[header::AUTHORIZATION], &added());
+        assert!(h.keys().all(|name| !name.as_str().contains('_')));
         assert_eq!(h["x-forwarded-for"], "34.89.0.111");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use http::{Method, Uri};
+use http::{Method, Uri, Version};
 
 use crate::bars::errors::Refusal;
 use crate::bars::identity::IdentityRequirements;
@@ -143,8 +143,8 @@ impl RouteTable {
     ///
     /// BaRS endpoints are matched before extra prefixes, so an extra prefix cannot widen the
     /// methods allowed on a BaRS endpoint's exact path.
-    pub fn resolve(&self, method: &Method, uri: &Uri) -> Result<Route, Refusal> {
-        let path = request_path(uri)?;
+    pub fn resolve(&self, method: &Method, uri: &Uri, version: Version) -> Result<Route, Refusal> {
+        let path = request_path(uri, version)?;
         check_path_is_unambiguous(path)?;
         let query = uri.query();
         if let Some(query) = query {
@@ -197,12 +197,22 @@ impl RouteTable {
                 .is_some_and(|after| after.is_empty() || after.starts_with('/'))
         });
         if under_extra {
+            // CONNECT would ask a proxy-capable legacy server to open a tunnel, TRACE (and IIS's
+            // TRACK) to echo the request with the gateway's added headers: never any receiver's job.
+            if matches!(method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+                return Err(Refusal::MethodNotAllowed {
+                    allow: EXTRA_ALLOW.to_owned(),
+                });
+            }
             Ok(Endpoint::Extra)
         } else {
             Err(Refusal::NotFound)
         }
     }
 }
+
+/// The `Allow` value for a refused method under an extra prefix, where any other method passes.
+const EXTRA_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// The BaRS endpoint at `path` (after the base path), if any. Case-sensitive, as BaRS says; a
 /// trailing `/` matches nothing.
@@ -234,15 +244,22 @@ fn is_fhir_id(id: &str) -> bool {
         && id != ".."
 }
 
-/// The path of an origin-form or absolute-form target (HTTP/2 gives the latter); the
-/// authority-form (`CONNECT host:port`) and asterisk-form (`OPTIONS *`) name no resource here.
-fn request_path(uri: &Uri) -> Result<&str, Refusal> {
+/// The path of an origin-form target, or of the absolute form HTTP/2 always gives (from
+/// `:scheme` and `:authority`); the authority-form (`CONNECT host:port`) and asterisk-form
+/// (`OPTIONS *`) name no resource here.
+fn request_path(uri: &Uri, version: Version) -> Result<&str, Refusal> {
     let path = uri.path();
     if path == "*" {
         return Err(invalid("The asterisk-form request target is not allowed"));
     }
     if uri.scheme().is_none() && uri.authority().is_some() {
         return Err(invalid("The authority-form request target is not allowed"));
+    }
+    // HTTP/1.x clients send the absolute form only to forward proxies (RFC 9112 §3.2.2) and the
+    // BaRS proxy never does. This is no forward proxy, so a target naming a host is refused rather
+    // than served as if the host did not matter.
+    if uri.scheme().is_some() && version < Version::HTTP_2 {
+        return Err(invalid("The absolute-form request target is not allowed"));
     }
     if !path.starts_with('/') {
         return Err(invalid("The request path must start with '/'"));
@@ -331,7 +348,11 @@ mod tests {
     }
 
     fn resolve(table: &RouteTable, method: Method, target: &str) -> Result<Route, Refusal> {
-        table.resolve(&method, &uri(target))
+        table.resolve(&method, &uri(target), Version::HTTP_11)
+    }
+
+    fn resolve_h2(table: &RouteTable, method: Method, target: &str) -> Result<Route, Refusal> {
+        table.resolve(&method, &uri(target), Version::HTTP_2)
     }
 
     fn assert_invalid(result: Result<Route, Refusal>, reason: &str) {
@@ -480,7 +501,10 @@ mod tests {
         // `Uri` parsing rejects most of these already; build from parts where it lets them through.
         for path in ["/metad\u{e9}ta", "/Appointment/\u{1F600}"] {
             if let Ok(uri) = path.parse::<Uri>() {
-                assert_invalid(bars().resolve(&Method::GET, &uri), "Non-ASCII");
+                assert_invalid(
+                    bars().resolve(&Method::GET, &uri, Version::HTTP_11),
+                    "Non-ASCII",
+                );
             }
         }
         assert_invalid(
@@ -524,8 +548,8 @@ mod tests {
     }
 
     #[test]
-    fn absolute_form_targets_use_their_path() {
-        let route = resolve(
+    fn http2_absolute_form_targets_use_their_path() {
+        let route = resolve_h2(
             &bars(),
             Method::POST,
             "https://bars.example.nhs.uk/$process-message?x=1",
@@ -533,15 +557,44 @@ mod tests {
         .unwrap();
         assert_eq!(route.endpoint, Endpoint::ProcessMessage);
         assert_eq!(route.path_and_query, "/$process-message?x=1");
-        assert_not_found(resolve(&bars(), Method::GET, "https://bars.example.nhs.uk"));
+        assert_not_found(resolve_h2(
+            &bars(),
+            Method::GET,
+            "https://bars.example.nhs.uk",
+        ));
         let table = RouteTable::new("/bars/FHIR/R4", true, Vec::new());
-        let route = resolve(
+        let route = resolve_h2(
             &table,
             Method::GET,
             "http://host:8443/bars/FHIR/R4/metadata",
         )
         .unwrap();
         assert_eq!(route.path_and_query, "/metadata");
+    }
+
+    #[test]
+    fn http1_absolute_form_targets_are_refused() {
+        for target in [
+            "http://evil.example/metadata",
+            "https://localhost/metadata",
+            "http://host:8443/bars/FHIR/R4/metadata",
+        ] {
+            for version in [Version::HTTP_10, Version::HTTP_11] {
+                let result = bars().resolve(&Method::GET, &uri(target), version);
+                assert_invalid(result, "absolute-form");
+            }
+        }
+    }
+
+    #[test]
+    fn connect_and_trace_are_refused_under_an_extra_prefix() {
+        let table = RouteTable::new("", false, vec!["/Patient".into()]);
+        for method in ["CONNECT", "TRACE", "TRACK"] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let refusal = resolve(&table, method.clone(), "/Patient/1").unwrap_err();
+            assert_eq!(refusal.status(), 405, "{method}");
+            assert_eq!(refusal.allow(), Some(EXTRA_ALLOW));
+        }
     }
 
     #[test]
