@@ -1170,11 +1170,21 @@ url = "http://127.0.0.1:8080/legacy/fhir/"
         assert_eq!(s.dedup.methods.len(), 4);
         assert_eq!(s.dedup.on_store_error, OnStoreError::Reject);
         let s = parse_ok(&format!("{MINIMAL}\n[dedup]\nstore = \"redis\"\nmethods = [\"post\"]\non_store_error = \"allow\"\n"));
-        assert_eq!(s.dedup.backend, DedupBackend::Redis { url: "redis://127.0.0.1:6379".into() });
+        assert_eq!(
+            s.dedup.backend,
+            DedupBackend::Redis {
+                url: "redis://127.0.0.1:6379".into()
+            }
+        );
         assert_eq!(s.dedup.methods, vec![http::Method::POST]);
         assert_eq!(s.dedup.on_store_error, OnStoreError::Allow);
-        let msg = parse_err(&format!("{MINIMAL}\n[dedup]\nstore = \"redis\"\nredis_url = \"rediss://r:6380\"\n"));
-        assert!(msg.contains("dedup.redis_url") && msg.contains("not supported"), "{msg}");
+        let msg = parse_err(&format!(
+            "{MINIMAL}\n[dedup]\nstore = \"redis\"\nredis_url = \"rediss://r:6380\"\n"
+        ));
+        assert!(
+            msg.contains("dedup.redis_url") && msg.contains("not supported"),
+            "{msg}"
+        );
         let msg = parse_err(&format!("{MINIMAL}\n[dedup]\nstore = \"disk\"\n"));
         assert!(msg.contains("dedup.store"), "{msg}");
     }

@@ -82,8 +82,14 @@ fn main() -> ExitCode {
 }
 
 /// Runs `future` on a multi-threaded Tokio runtime and maps its result to an exit code.
-fn block_on<F: std::future::Future>(future: F, exit: impl FnOnce(F::Output) -> ExitCode) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+fn block_on<F: std::future::Future>(
+    future: F,
+    exit: impl FnOnce(F::Output) -> ExitCode,
+) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => exit(runtime.block_on(future)),
         Err(e) => {
             eprintln!("bars-gateway: cannot start the runtime: {e}");

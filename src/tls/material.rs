@@ -144,13 +144,21 @@ fn read_pem_or_der<T: PemObject + From<Vec<u8>>>(
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| MaterialError::new(key, path, format!("invalid PEM: {e}")))?;
         if items.is_empty() {
-            return Err(MaterialError::new(key, path, format!("no {label} block found")));
+            return Err(MaterialError::new(
+                key,
+                path,
+                format!("no {label} block found"),
+            ));
         }
         Ok(items)
     } else if bytes.first() == Some(&0x30) {
         Ok(vec![T::from(bytes)])
     } else {
-        Err(MaterialError::new(key, path, format!("neither a PEM nor a DER {what}")))
+        Err(MaterialError::new(
+            key,
+            path,
+            format!("neither a PEM nor a DER {what}"),
+        ))
     }
 }
 

@@ -651,7 +651,9 @@ where
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     sender
 }
@@ -922,4 +924,3 @@ pub fn signal(child: &std::process::Child, sig: &str) {
         .unwrap();
     assert!(status.success());
 }
-
