@@ -171,7 +171,11 @@ async fn chunked_body_over_max_body_gets_413() {
     let request = bars_request("POST", "/$process-message", Bytes::new())
         .body(Chunks(8))
         .unwrap();
-    let mut sender = connect_http1(rig.gateway.addr, rig.pki.client_config(Some(ClientCert::Proxy))).await;
+    let mut sender = connect_http1(
+        rig.gateway.addr,
+        rig.pki.client_config(Some(ClientCert::Proxy)),
+    )
+    .await;
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 413);
     // The upstream may have seen the start of a chunked request that never completed; it must
@@ -231,7 +235,11 @@ async fn upstream_base_path_is_prefixed_and_query_kept() {
 #[tokio::test]
 async fn many_requests_on_one_kept_alive_connection_all_arrive() {
     let rig = Rig::start().await;
-    let mut sender = connect_http1(rig.gateway.addr, rig.pki.client_config(Some(ClientCert::Proxy))).await;
+    let mut sender = connect_http1(
+        rig.gateway.addr,
+        rig.pki.client_config(Some(ClientCert::Proxy)),
+    )
+    .await;
     for _ in 0..20 {
         sender.ready().await.unwrap();
         let response = sender.send_request(metadata()).await.unwrap();
