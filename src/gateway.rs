@@ -36,6 +36,10 @@ use crate::metrics::{Metrics, OutcomeLabel, StatusLabel};
 use crate::tls::{self, LoadedTls};
 use crate::upstream::{ForwardedHeaders, GatewayBody, Upstream, Upstreams};
 
+/// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
+/// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
+const HEADER_SLACK: usize = 16 * 1024;
+
 /// The header that carries the request id (BaRS).
 pub const X_REQUEST_ID: &str = "x-request-id";
 /// The header that carries the correlation id (BaRS).
@@ -84,13 +88,15 @@ impl Shared {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(listen.header_read_timeout)
-            .max_buf_size(listen.max_header_bytes.max(8192))
+            // Slack above the limit, so that the pipeline (not hyper, with a bare 431) refuses a
+            // header section a little over it: with an OperationOutcome and the ids echoed.
+            .max_buf_size(listen.max_header_bytes + HEADER_SLACK)
             .keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(100)
-            .max_header_list_size(listen.max_header_bytes as u32)
+            .max_header_list_size((listen.max_header_bytes + HEADER_SLACK) as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)));
         builder
     }
@@ -278,6 +284,9 @@ async fn check_and_forward(
     request: Request<Incoming>,
     audit: &mut AuditRecord,
 ) -> Result<Response<GatewayBody>, Refusal> {
+    // Size: the header section within listen.max_header_bytes (431).
+    check_header_section(&request, shared.listen.max_header_bytes)?;
+
     // Route: a known method and path under the BaRS base path (404 / 405 / 400 for unsafe paths).
     let route = shared
         .routes
@@ -558,6 +567,26 @@ fn replay_response(status: u16, replay: Option<Box<Replay>>) -> Response<Gateway
         response.headers_mut().insert(CONTENT_TYPE, ct);
     }
     response
+}
+
+/// Refuses a request whose header section (request line and fields, as HTTP/1.1 would write
+/// them) is larger than `limit`.
+fn check_header_section(request: &Request<Incoming>, limit: usize) -> Result<(), Refusal> {
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + 12;
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if line + fields > limit {
+        return Err(Refusal::HeadersTooLarge { limit });
+    }
+    Ok(())
 }
 
 /// Renders a refusal as the HTTP response the client gets: the one place that does.

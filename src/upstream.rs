@@ -164,7 +164,7 @@ impl Upstreams {
     }
 
     /// The whole request body, read into memory but never beyond `max_body` (413) nor for longer
-    /// than `request_timeout` (400).
+    /// than `request_timeout` (408).
     pub async fn buffered_body(
         &self,
         headers: &HeaderMap,
@@ -177,9 +177,7 @@ impl Upstreams {
         let read = Limited::new(body, self.max_body as usize).collect();
         let Ok(collected) = tokio::time::timeout(self.request_timeout, read).await else {
             tracing::info!(timeout = ?self.request_timeout, "request body not received in time");
-            return Err(Refusal::InvalidRequest(
-                "The request body was not received in time".into(),
-            ));
+            return Err(Refusal::BodyTimeout);
         };
         match collected {
             Ok(collected) => Ok(collected.to_bytes()),

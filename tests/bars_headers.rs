@@ -1256,6 +1256,8 @@ fn every_refusal() -> Vec<Refusal> {
             supported: "1".into(),
         },
         Refusal::UpstreamTimeout,
+        Refusal::BodyTimeout,
+        Refusal::HeadersTooLarge { limit: 32768 },
         Refusal::Duplicate { reference: None },
         Refusal::Duplicate {
             reference: Some("ID-12345".into()),
@@ -1280,6 +1282,8 @@ fn every_refusal() -> Vec<Refusal> {
             | Refusal::MethodNotAllowed { .. }
             | Refusal::NotAcceptable { .. }
             | Refusal::UpstreamTimeout
+            | Refusal::BodyTimeout
+            | Refusal::HeadersTooLarge { .. }
             | Refusal::Duplicate { .. }
             | Refusal::BodyTooLarge { .. }
             | Refusal::IdReused

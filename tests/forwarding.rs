@@ -250,3 +250,21 @@ async fn many_requests_on_one_kept_alive_connection_all_arrive() {
     }
     assert_eq!(rig.upstream.count(), 20);
 }
+
+#[tokio::test]
+async fn a_header_section_over_the_limit_gets_431_as_an_operation_outcome_with_the_ids() {
+    let rig = Rig::start().await; // listen.max_header_bytes: the default 32 KiB
+    let request = bars_request("GET", "/metadata", Bytes::new())
+        .header("x-note", "a".repeat(40 * 1024))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let sent_id = request.headers()["x-request-id"].clone();
+    let reply = rig.send(request).await;
+    reply.assert_outcome(431, "REC_BAD_REQUEST", "too-long");
+    assert_eq!(
+        reply.diagnostics(),
+        "Request header section exceeds the limit of 32768 bytes"
+    );
+    assert_eq!(reply.headers["x-request-id"], sent_id);
+    assert_eq!(rig.upstream.count(), 0);
+}

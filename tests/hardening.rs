@@ -1032,7 +1032,7 @@ async fn a_body_that_trickles_slower_than_the_request_timeout_is_refused_and_nev
     let Outcome::Answer(answer) = conn.answer().await else {
         panic!("expected an answer")
     };
-    assert_eq!(answer.status(), 400, "{}", answer.head);
+    assert_eq!(answer.status(), 408, "{}", answer.head);
     assert_eq!(answer.header("x-request-id").as_deref(), Some(id.as_str()));
     let oo: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
     assert_eq!(

@@ -65,6 +65,17 @@ pub enum Refusal {
     /// The upstream did not answer within `upstream.request_timeout` (408 REC_TIMEOUT / timeout).
     #[error("The receiver did not respond in time")]
     UpstreamTimeout,
+    /// The client did not send the whole request body within `upstream.request_timeout`
+    /// (408 REC_TIMEOUT / timeout): nothing was forwarded, the sender may retry.
+    #[error("The request body was not received in time")]
+    BodyTimeout,
+    /// The request header section is larger than `listen.max_header_bytes`
+    /// (431 REC_BAD_REQUEST / too-long).
+    #[error("Request header section exceeds the limit of {limit} bytes")]
+    HeadersTooLarge {
+        /// The configured limit in bytes.
+        limit: usize,
+    },
     /// A retry of a request already processed (409 REC_CONFLICT / duplicate).
     #[error("This message has already been received and processed{}", reference_suffix(.reference))]
     Duplicate {
@@ -117,7 +128,8 @@ impl Refusal {
             Refusal::NotFound | Refusal::UnknownTarget => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
-            Refusal::UpstreamTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::UpstreamTimeout | Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::Duplicate { .. } => StatusCode::CONFLICT,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::IdReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -136,13 +148,14 @@ impl Refusal {
             Refusal::MissingHeader { .. }
             | Refusal::MalformedHeader { .. }
             | Refusal::InvalidRequest(_)
-            | Refusal::BodyTooLarge { .. } => "REC_BAD_REQUEST",
+            | Refusal::BodyTooLarge { .. }
+            | Refusal::HeadersTooLarge { .. } => "REC_BAD_REQUEST",
             Refusal::Unauthorized(_) => "REC_UNAUTHORIZED",
             Refusal::Forbidden => "REC_FORBIDDEN",
             Refusal::NotFound | Refusal::UnknownTarget => "REC_NOT_FOUND",
             Refusal::MethodNotAllowed { .. } => "REC_METHOD_NOT_ALLOWED",
             Refusal::NotAcceptable { .. } => "REC_NOT_ACCEPTABLE",
-            Refusal::UpstreamTimeout => "REC_TIMEOUT",
+            Refusal::UpstreamTimeout | Refusal::BodyTimeout => "REC_TIMEOUT",
             Refusal::Duplicate { .. } => "REC_CONFLICT",
             Refusal::IdReused => "REC_UNPROCESSABLE_ENTITY",
             Refusal::InFlight => "REC_TOO_EARLY",
@@ -164,9 +177,9 @@ impl Refusal {
             Refusal::NotFound | Refusal::UnknownTarget => "not-found",
             Refusal::MethodNotAllowed { .. } => "not-supported",
             Refusal::NotAcceptable { .. } => "processing",
-            Refusal::UpstreamTimeout => "timeout",
+            Refusal::UpstreamTimeout | Refusal::BodyTimeout => "timeout",
             Refusal::Duplicate { .. } | Refusal::InFlight => "duplicate",
-            Refusal::BodyTooLarge { .. } => "too-long",
+            Refusal::BodyTooLarge { .. } | Refusal::HeadersTooLarge { .. } => "too-long",
             Refusal::Throttled => "throttled",
             Refusal::Internal => "exception",
             Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => "transient",
@@ -186,6 +199,8 @@ impl Refusal {
             Refusal::MethodNotAllowed { .. } => "method_not_allowed",
             Refusal::NotAcceptable { .. } => "not_acceptable",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::Duplicate { .. } => "duplicate",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::IdReused => "id_reused",
