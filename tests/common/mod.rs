@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bars_gateway::config::Settings;
+use bars_gateway::demo::pki::{ca_params, client_params};
 use bars_gateway::Gateway;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -16,9 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevocationReason, RevokedCertParams, SerialNumber,
+    CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, Issuer,
+    KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -65,36 +65,6 @@ pub struct TestPki {
     pub dir: tempfile::TempDir,
     sub: Issuer<'static, KeyPair>,
     server_key: KeyPair,
-}
-
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "nhs");
-    dn.push(DnType::OrganizationalUnitName, "CA");
-    dn.push(DnType::CommonName, cn);
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    p
-}
-
-fn client_params(cn: &str, serial: u64) -> CertificateParams {
-    // The NHS proxy certificates have no subjectAltName: identity is the CN.
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "nhs");
-    dn.push(DnType::OrganizationalUnitName, "Devices");
-    dn.push(DnType::CommonName, cn);
-    p.distinguished_name = dn;
-    p.serial_number = Some(SerialNumber::from(serial));
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p
 }
 
 fn write(dir: &Path, name: &str, text: &str) {
@@ -151,19 +121,23 @@ impl TestPki {
                 &key.serialize_pem(),
             );
         };
-        issue(ClientCert::Proxy, client_params(PROXY_CN, 0x1001), &sub);
         issue(
-            ClientCert::WrongSubject,
-            client_params("someone-else.nhs.uk", 0x1002),
+            ClientCert::Proxy,
+            client_params(PROXY_CN, Some(0x1001)),
             &sub,
         );
-        let mut expired = client_params(PROXY_CN, 0x1003);
+        issue(
+            ClientCert::WrongSubject,
+            client_params("someone-else.nhs.uk", Some(0x1002)),
+            &sub,
+        );
+        let mut expired = client_params(PROXY_CN, Some(0x1003));
         expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
         expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
         issue(ClientCert::Expired, expired, &sub);
         issue(
             ClientCert::Revoked,
-            client_params(PROXY_CN, REVOKED_SERIAL),
+            client_params(PROXY_CN, Some(REVOKED_SERIAL)),
             &sub,
         );
 
@@ -172,12 +146,16 @@ impl TestPki {
         let rogue_cert = rogue_params.self_signed(&rogue_key).unwrap();
         write(d, "rogue-ca.pem", &rogue_cert.pem());
         let rogue = Issuer::new(rogue_params, rogue_key);
-        issue(ClientCert::Rogue, client_params(PROXY_CN, 0x1005), &rogue);
+        issue(
+            ClientCert::Rogue,
+            client_params(PROXY_CN, Some(0x1005)),
+            &rogue,
+        );
         let impostor_key = KeyPair::generate().unwrap();
         let impostor = Issuer::new(ca_params("Test NHS Level 1C"), impostor_key);
         issue(
             ClientCert::Impostor,
-            client_params(PROXY_CN, 0x1006),
+            client_params(PROXY_CN, Some(0x1006)),
             &impostor,
         );
 
