@@ -110,6 +110,15 @@ fn make_encrypted_rsa_server_valid_for(pki: &TestPki, days: &str) {
     std::fs::write(d.join("key-password"), "key pass\n").unwrap();
 }
 
+/// `openssl pkcs12 -export` of `rsa.pem` + `rsa.key`, with `args` for the rest (output, password,
+/// chain and algorithms).
+fn export_pkcs12(pki: &TestPki, args: &[&str]) {
+    let mut all = vec!["pkcs12", "-export", "-in", "rsa.pem", "-inkey", "rsa.key"];
+    all.extend(["-passin", "pass:key pass"]);
+    all.extend(args);
+    openssl(pki.dir.path(), &all);
+}
+
 #[tokio::test]
 async fn encrypted_pkcs8_key_from_genpkey_aes256_serves_handshakes() {
     if !have_openssl() {
@@ -127,14 +136,7 @@ async fn encrypted_pkcs8_key_from_genpkey_aes256_serves_handshakes() {
         private_key: pki.path("rsa.key"),
         password_file: Some(pki.path("key-password")),
     };
-    let gateway = TestGateway::start(settings).await;
-    let reply = send(
-        gateway.addr,
-        pki.client_config(Some(ClientCert::Proxy)),
-        metadata(),
-    )
-    .await
-    .unwrap();
+    let reply = metadata_through(settings, &pki).await;
     assert_eq!(reply.status, 200);
     assert_eq!(upstream.count(), 1);
 }
@@ -191,17 +193,9 @@ async fn pkcs12_bundle_from_openssl_export_serves_handshakes() {
     let pki = TestPki::new();
     make_encrypted_rsa_server(&pki);
     // The NHS guide's command; OpenSSL 3 defaults to AES-256-CBC with PBKDF2 and a SHA-256 MAC.
-    openssl(
-        pki.dir.path(),
+    export_pkcs12(
+        &pki,
         &[
-            "pkcs12",
-            "-export",
-            "-in",
-            "rsa.pem",
-            "-inkey",
-            "rsa.key",
-            "-passin",
-            "pass:key pass",
             "-certfile",
             "sub.pem",
             "-passout",
@@ -222,14 +216,7 @@ async fn pkcs12_bundle_from_openssl_export_serves_handshakes() {
         settings.tls.identity,
         ServerIdentitySource::Pkcs12 { .. }
     ));
-    let gateway = TestGateway::start(settings).await;
-    let reply = send(
-        gateway.addr,
-        pki.client_config(Some(ClientCert::Proxy)),
-        metadata(),
-    )
-    .await
-    .unwrap();
+    let reply = metadata_through(settings, &pki).await;
     assert_eq!(reply.status, 200);
     assert_eq!(upstream.count(), 1);
 }
@@ -241,23 +228,7 @@ fn pkcs12_with_a_wrong_password_is_refused_naming_the_file() {
     }
     let pki = TestPki::new();
     make_encrypted_rsa_server(&pki);
-    openssl(
-        pki.dir.path(),
-        &[
-            "pkcs12",
-            "-export",
-            "-in",
-            "rsa.pem",
-            "-inkey",
-            "rsa.key",
-            "-passin",
-            "pass:key pass",
-            "-passout",
-            "pass:right",
-            "-out",
-            "receiver.pfx",
-        ],
-    );
+    export_pkcs12(&pki, &["-passout", "pass:right", "-out", "receiver.pfx"]);
     std::fs::write(pki.path("pfx-password"), "wrong").unwrap();
     let source = ServerIdentitySource::Pkcs12 {
         path: pki.path("receiver.pfx"),
@@ -409,17 +380,9 @@ async fn pkcs12_bundle_with_legacy_3des_encryption_serves_handshakes() {
     let pki = TestPki::new();
     make_encrypted_rsa_server(&pki);
     // What older OpenSSL (1.1) and Windows exports make: PBE-SHA1-3DES with a SHA-1 MAC.
-    openssl(
-        pki.dir.path(),
+    export_pkcs12(
+        &pki,
         &[
-            "pkcs12",
-            "-export",
-            "-in",
-            "rsa.pem",
-            "-inkey",
-            "rsa.key",
-            "-passin",
-            "pass:key pass",
             "-certfile",
             "sub.pem",
             "-keypbe",
@@ -440,14 +403,7 @@ async fn pkcs12_bundle_with_legacy_3des_encryption_serves_handshakes() {
         "certificate = \"server-chain.pem\"\nprivate_key = \"server.key\"",
         "pkcs12 = \"legacy.pfx\"\npkcs12_password_file = \"pfx-password\"",
     );
-    let gateway = TestGateway::start(pki.settings(&toml)).await;
-    let reply = send(
-        gateway.addr,
-        pki.client_config(Some(ClientCert::Proxy)),
-        metadata(),
-    )
-    .await
-    .unwrap();
+    let reply = metadata_through(pki.settings(&toml), &pki).await;
     assert_eq!(reply.status, 200);
 }
 

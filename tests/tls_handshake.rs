@@ -125,14 +125,7 @@ async fn client_whose_fingerprint_is_pinned_is_admitted() {
     let mut settings = pki.settings(&pki.config_toml(&upstream.url()));
     settings.client.pinned_fingerprints =
         vec![bars_gateway::config::parse_pin(&pki.client_sha256(ClientCert::Proxy)).unwrap()];
-    let gateway = TestGateway::start(settings).await;
-    let reply = send(
-        gateway.addr,
-        pki.client_config(Some(ClientCert::Proxy)),
-        metadata(),
-    )
-    .await
-    .unwrap();
+    let reply = metadata_through(settings, &pki).await;
     assert_eq!(reply.status, 200);
     assert_eq!(upstream.count(), 1);
 }

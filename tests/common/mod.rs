@@ -521,6 +521,19 @@ impl TestGateway {
     }
 }
 
+/// Starts a gateway from `settings`, sends one `GET /metadata` as the BaRS proxy, and returns the
+/// answer (the gateway stops when this returns).
+pub async fn metadata_through(settings: Settings, pki: &TestPki) -> Reply2 {
+    let gateway = TestGateway::start(settings).await;
+    send(
+        gateway.addr,
+        pki.client_config(Some(ClientCert::Proxy)),
+        metadata(),
+    )
+    .await
+    .expect("request completes")
+}
+
 /// A gateway in front of a fresh counting upstream, with the standard PKI and config.
 pub struct Rig {
     pub pki: TestPki,
