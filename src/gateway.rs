@@ -282,7 +282,7 @@ async fn check_and_forward(
     shared: &Arc<Shared>,
     conn: &Connection,
     request: Request<Incoming>,
-    audit: &mut AuditRecord,
+    audit: &mut AuditRecord<'_>,
 ) -> Result<Response<GatewayBody>, Refusal> {
     // Size: the header section within listen.max_header_bytes (431).
     check_header_section(&request, shared.listen.max_header_bytes)?;
@@ -295,8 +295,8 @@ async fn check_and_forward(
 
     // Ids: X-Request-Id and X-Correlation-Id present and UUIDs (400).
     let ids = bars::ids::read_request_ids(request.headers())?;
-    audit.request_id = Some(ids.request_id.to_string());
-    audit.correlation_id = Some(ids.correlation_id.to_string());
+    audit.request_id = Some(ids.request_id);
+    audit.correlation_id = Some(ids.correlation_id);
 
     // Identity headers: NHSD-* decoded and validated, required per endpoint (400).
     let identity = bars::identity::decode_identity_headers(
@@ -645,15 +645,13 @@ impl EchoIds {
 
 /// One audit record per request (log target `audit`): who, what, outcome. Never bodies, never
 /// decoded data beyond the identifiers listed here.
-struct AuditRecord {
-    client: SocketAddr,
-    cert_subject: String,
-    cert_sha256: String,
-    method: String,
-    path: String,
+struct AuditRecord<'c> {
+    conn: &'c Connection,
+    method: http::Method,
+    uri: http::Uri,
     endpoint: Option<&'static str>,
-    request_id: Option<String>,
-    correlation_id: Option<String>,
+    request_id: Option<bars::ids::RequestId>,
+    correlation_id: Option<bars::ids::CorrelationId>,
     target: Option<String>,
     ods_code: Option<String>,
     software: Option<String>,
@@ -662,14 +660,26 @@ struct AuditRecord {
     upstream_duration: Option<Duration>,
 }
 
-impl AuditRecord {
-    fn new(conn: &Connection, request: &Request<Incoming>) -> AuditRecord {
+/// Displays an optional value, or `-` when absent (audit fields are always present).
+struct OrDash<'a, T>(&'a Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+impl<'c> AuditRecord<'c> {
+    /// Cheap: borrows the connection, clones only the method and URI (reference-counted); nothing
+    /// is formatted unless a log line is written.
+    fn new(conn: &'c Connection, request: &Request<Incoming>) -> AuditRecord<'c> {
         AuditRecord {
-            client: conn.client,
-            cert_subject: conn.identity.subject.clone(),
-            cert_sha256: conn.identity.sha256_hex.clone(),
-            method: request.method().to_string(),
-            path: request.uri().path().to_string(),
+            conn,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
             endpoint: None,
             request_id: None,
             correlation_id: None,
@@ -688,9 +698,9 @@ impl AuditRecord {
         if !audit {
             if let Some(refusal) = &self.refusal {
                 tracing::info!(
-                    client = %self.client.ip(),
-                    request_id = self.request_id.as_deref().unwrap_or("-"),
-                    correlation_id = self.correlation_id.as_deref().unwrap_or("-"),
+                    client = %self.conn.client.ip(),
+                    request_id = %OrDash(&self.request_id),
+                    correlation_id = %OrDash(&self.correlation_id),
                     status,
                     reason = refusal.reason(),
                     diagnostics = diagnostics.as_deref().unwrap_or(""),
@@ -701,14 +711,14 @@ impl AuditRecord {
         }
         tracing::info!(
             target: "audit",
-            client = %self.client.ip(),
-            cert_subject = %self.cert_subject,
-            cert_sha256 = %self.cert_sha256,
+            client = %self.conn.client.ip(),
+            cert_subject = %self.conn.identity.subject,
+            cert_sha256 = %self.conn.identity.sha256_hex,
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             endpoint = self.endpoint.unwrap_or("-"),
-            request_id = self.request_id.as_deref().unwrap_or("-"),
-            correlation_id = self.correlation_id.as_deref().unwrap_or("-"),
+            request_id = %OrDash(&self.request_id),
+            correlation_id = %OrDash(&self.correlation_id),
             bars_target = self.target.as_deref().unwrap_or("-"),
             ods_code = self.ods_code.as_deref().unwrap_or("-"),
             software = self.software.as_deref().unwrap_or("-"),
