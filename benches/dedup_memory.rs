@@ -4,10 +4,15 @@
 //! per entry. RSS (from /proc/self/status) includes the allocator's overhead and fragmentation,
 //! which is what an operator's memory limit sees.
 //!
-//! Usage: `dedup_memory [N] [--reference]`; `--reference` stores a 36-byte Location id with each
-//! entry (receivers that answer with `Location`). Run by `benches/run.sh`, or `cargo bench --bench
-//! dedup_memory`.
+//! Usage: `dedup_memory [N] [--reference] [--variant store|moka-ttl|hashmap-fifo]`;
+//! `--reference` stores a 36-byte Location id with each entry (receivers that answer with
+//! `Location`). The variants other than `store` (the gateway's `MemoryStore`) are yardsticks for
+//! a leaner store, with the same entries: `moka-ttl` is moka with one time-to-live instead of a
+//! per-entry expiry (no timer wheel, no eviction listener); `hashmap-fifo` is a plain `HashMap`
+//! plus an insertion-order queue for eviction, the floor a hand-written store could reach.
+//! Run by `benches/run.sh`, or `cargo bench --bench dedup_memory`.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +31,13 @@ fn main() {
         .find_map(|a| a.parse::<u64>().ok())
         .unwrap_or(1_000_000);
     let with_reference = args.iter().any(|a| a == "--reference");
+    let variant = args
+        .iter()
+        .position(|a| a == "--variant")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .unwrap_or("store")
+        .to_owned();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -36,51 +48,107 @@ fn main() {
             std::process::exit(1);
         }
     };
-    runtime.block_on(measure(entries, with_reference));
+    runtime.block_on(measure(entries, with_reference, &variant));
 }
 
-async fn measure(entries: u64, with_reference: bool) {
-    let (metrics, _registry) = Metrics::new();
+/// The n-th distinct request: its id and fingerprint, as unique requests have.
+fn nth(n: u64) -> (RequestId, Fingerprint) {
+    let id = RequestId(uuid::Uuid::from_u128(
+        0x4000_8000_0000_0000_0000_0000_0000_0000 | u128::from(n),
+    ));
+    let mut fp = [0u8; 32];
+    fp[..8].copy_from_slice(&n.to_le_bytes());
+    fp[8..16].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    (id, Fingerprint(fp))
+}
+
+fn done(id: RequestId, fingerprint: Fingerprint, with_reference: bool) -> Entry {
+    Entry::Done {
+        fingerprint,
+        status: 200,
+        reference: with_reference.then(|| id.to_string().into_boxed_str()),
+        replay: None,
+    }
+}
+
+async fn measure(entries: u64, with_reference: bool, variant: &str) {
+    let ttl = Duration::from_secs(24 * 3600);
     let before_kb = rss_kb();
-    let store = MemoryStore::new(
-        entries,
-        Duration::from_secs(24 * 3600),
-        Duration::from_secs(40),
-        Arc::new(metrics),
-    );
     let started = Instant::now();
     let mut firsts = 0u64;
-    for n in 0..entries {
-        // Distinct ids and fingerprints, as unique requests have.
-        let id = RequestId(uuid::Uuid::from_u128(
-            0x4000_8000_0000_0000_0000_0000_0000_0000 | u128::from(n),
-        ));
-        let mut fp = [0u8; 32];
-        fp[..8].copy_from_slice(&n.to_le_bytes());
-        fp[8..16].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
-        let fingerprint = Fingerprint(fp);
-        if store.claim(id, fingerprint).await == Claim::First {
-            firsts += 1;
+    let held;
+    // Each arm keeps its store alive until RSS is read.
+    let _keep: Box<dyn std::any::Any> = match variant {
+        "store" => {
+            let (metrics, _registry) = Metrics::new();
+            let store = MemoryStore::new(entries, ttl, Duration::from_secs(40), Arc::new(metrics));
+            for n in 0..entries {
+                let (id, fingerprint) = nth(n);
+                if store.claim(id, fingerprint).await == Claim::First {
+                    firsts += 1;
+                }
+                store
+                    .complete(id, done(id, fingerprint, with_reference))
+                    .await;
+            }
+            held = store.entry_count().await;
+            Box::new(store)
         }
-        let reference = with_reference.then(|| id.to_string().into_boxed_str());
-        store
-            .complete(
-                id,
-                Entry::Done {
-                    fingerprint,
-                    status: 200,
-                    reference,
-                    replay: None,
-                },
-            )
-            .await;
-    }
-    let held = store.entry_count().await;
+        "moka-ttl" => {
+            let cache: moka::future::Cache<RequestId, Entry> = moka::future::Cache::builder()
+                .max_capacity(entries)
+                .time_to_live(ttl)
+                .build();
+            for n in 0..entries {
+                let (id, fingerprint) = nth(n);
+                let claimed = cache
+                    .entry(id)
+                    .or_insert_with(async move { Entry::InFlight { fingerprint } })
+                    .await;
+                if claimed.is_fresh() {
+                    firsts += 1;
+                }
+                cache
+                    .insert(id, done(id, fingerprint, with_reference))
+                    .await;
+            }
+            cache.run_pending_tasks().await;
+            held = cache.entry_count();
+            Box::new(cache)
+        }
+        "hashmap-fifo" => {
+            let mut map: HashMap<RequestId, (Entry, u32)> = HashMap::new();
+            let mut order: VecDeque<RequestId> = VecDeque::new();
+            let epoch = Instant::now();
+            for n in 0..entries {
+                let (id, fingerprint) = nth(n);
+                let now = epoch.elapsed().as_secs() as u32;
+                if !map.contains_key(&id) {
+                    if order.len() as u64 >= entries {
+                        if let Some(oldest) = order.pop_front() {
+                            map.remove(&oldest);
+                        }
+                    }
+                    map.insert(id, (Entry::InFlight { fingerprint }, now));
+                    order.push_back(id);
+                    firsts += 1;
+                }
+                map.insert(id, (done(id, fingerprint, with_reference), now));
+            }
+            held = map.len() as u64;
+            Box::new((map, order))
+        }
+        other => {
+            eprintln!("dedup_memory: unknown variant {other:?} (store, moka-ttl, hashmap-fifo)");
+            std::process::exit(2);
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let after_kb = rss_kb();
     let grown = after_kb.saturating_sub(before_kb) * 1024;
     println!(
-        "RESULT dedup_memory entries={entries} reference={with_reference} first_claims={firsts} held={held} seconds={elapsed:.1} ops_per_s={:.0} rss_before_mb={:.1} rss_after_mb={:.1} growth_mb={:.1} bytes_per_entry={:.0}",
+        "RESULT dedup_memory variant={variant} entry_size={} entries={entries} reference={with_reference} first_claims={firsts} held={held} seconds={elapsed:.1} ops_per_s={:.0} rss_before_mb={:.1} rss_after_mb={:.1} growth_mb={:.1} bytes_per_entry={:.0}",
+        std::mem::size_of::<Entry>(),
         entries as f64 / elapsed,
         before_kb as f64 / 1024.0,
         after_kb as f64 / 1024.0,

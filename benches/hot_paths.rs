@@ -24,7 +24,7 @@ use bars_gateway::dedup::Fingerprint;
 use bars_gateway::metrics::Metrics;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Uri};
+use http::{Method, Uri, Version};
 
 const HEADERS_EXAMPLES: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -66,10 +66,22 @@ fn request_checks(c: &mut Criterion) {
     let metadata = Uri::from_static("/metadata");
 
     c.bench_function("route resolve POST /$process-message", |b| {
-        b.iter(|| routes.resolve(black_box(&Method::POST), black_box(&process_message)))
+        b.iter(|| {
+            routes.resolve(
+                black_box(&Method::POST),
+                black_box(&process_message),
+                Version::HTTP_11,
+            )
+        })
     });
     c.bench_function("route resolve GET /metadata", |b| {
-        b.iter(|| routes.resolve(black_box(&Method::GET), black_box(&metadata)))
+        b.iter(|| {
+            routes.resolve(
+                black_box(&Method::GET),
+                black_box(&metadata),
+                Version::HTTP_11,
+            )
+        })
     });
     c.bench_function("ids X-Request-Id + X-Correlation-Id", |b| {
         b.iter(|| read_request_ids(black_box(&headers)))
@@ -82,7 +94,8 @@ fn request_checks(c: &mut Criterion) {
     });
     c.bench_function("all request checks (route+ids+identity+accept)", |b| {
         b.iter(|| {
-            let route = routes.resolve(&Method::POST, black_box(&process_message));
+            let route =
+                routes.resolve(&Method::POST, black_box(&process_message), Version::HTTP_11);
             let ids = read_request_ids(black_box(&headers));
             let identity = decode_identity_headers(black_box(&headers), ALL_REQUIRED);
             let accept = check_accept(black_box(&headers), &[1]);
@@ -164,7 +177,9 @@ fn pump(
     let mut slice = &buf[..];
     while !slice.is_empty() {
         server.read_tls(&mut slice).expect("server reads");
-        server.process_new_packets().expect("server accepts the client");
+        server
+            .process_new_packets()
+            .expect("server accepts the client");
     }
     buf.clear();
     while server.wants_write() {
@@ -174,7 +189,9 @@ fn pump(
     let mut slice = &buf[..];
     while !slice.is_empty() {
         client.read_tls(&mut slice).expect("client reads");
-        client.process_new_packets().expect("client accepts the server");
+        client
+            .process_new_packets()
+            .expect("client accepts the server");
     }
 }
 
@@ -205,15 +222,15 @@ url = "http://127.0.0.1:8080"
 "#;
     let settings = bars_gateway::config::parse(config, &dir.path().join("config.toml"))
         .expect("a valid bench config");
-    let loaded =
-        bars_gateway::tls::load(&settings.tls, &settings.client).expect("the PKI loads");
+    let loaded = bars_gateway::tls::load(&settings.tls, &settings.client).expect("the PKI loads");
     let server_config = loaded.server_config.clone();
 
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(dir.path().join("ca.pem")).expect("ca.pem"))
         .expect("a trust anchor");
-    let chain = vec![CertificateDer::from_pem_file(dir.path().join("client.pem")).expect("client.pem")];
+    let chain =
+        vec![CertificateDer::from_pem_file(dir.path().join("client.pem")).expect("client.pem")];
     let key = PrivateKeyDer::from_pem_file(dir.path().join("client.key")).expect("client.key");
     let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -253,8 +270,8 @@ url = "http://127.0.0.1:8080"
     });
     group.bench_function("full TLS 1.3 mTLS handshake, both sides (ring)", |b| {
         b.iter(|| {
-            let mut client = rustls::ClientConnection::new(client_config.clone(), name.clone())
-                .expect("client");
+            let mut client =
+                rustls::ClientConnection::new(client_config.clone(), name.clone()).expect("client");
             let mut server = rustls::ServerConnection::new(server_config.clone()).expect("server");
             let mut ignored = Duration::ZERO;
             while client.is_handshaking() || server.is_handshaking() {
@@ -262,6 +279,13 @@ url = "http://127.0.0.1:8080"
             }
         })
     });
+    // Parsed twice per handshake: by the identity policy (verifier) and for the identity.
+    let client_leaf =
+        CertificateDer::from_pem_file(dir.path().join("client.pem")).expect("client.pem");
+    group.bench_function(
+        "client leaf X.509 parse + SHA-256/SHA-1 (CertSummary)",
+        |b| b.iter(|| bars_gateway::tls::inspect::CertSummary::from_der(black_box(&client_leaf))),
+    );
     let server_key =
         PrivateKeyDer::from_pem_file(dir.path().join("server.key")).expect("server.key");
     let signing_key =

@@ -298,10 +298,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(ctx.measure_start.into()).await;
-            let before = (cpu_seconds(&pids), self_cpu_seconds());
+            let before = (cpu_seconds(&pids), self_cpu_seconds(), machine_ticks());
             tokio::time::sleep_until(ctx.end.into()).await;
-            let after = (cpu_seconds(&pids), self_cpu_seconds());
-            (after.0 - before.0, after.1 - before.1)
+            let after = (cpu_seconds(&pids), self_cpu_seconds(), machine_ticks());
+            let machine = MachineCpu::between(before.2, after.2);
+            (after.0 - before.0, after.1 - before.1, machine)
         })
     };
     let mut workers = tokio::task::JoinSet::new();
@@ -317,12 +318,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
     while let Some(stats) = workers.join_next().await {
         total.merge(stats?);
     }
-    let (server_cpu, client_cpu) = sampler.await?;
-    report(&args, &total, server_cpu, client_cpu);
+    let (server_cpu, client_cpu, machine) = sampler.await?;
+    report(&args, &total, server_cpu, client_cpu, machine);
     Ok(())
 }
 
-fn report(args: &Args, total: &WorkerStats, server_cpu: f64, client_cpu: f64) {
+fn report(args: &Args, total: &WorkerStats, server_cpu: f64, client_cpu: f64, machine: MachineCpu) {
     let mut lat = total.latencies_us.clone();
     lat.sort_unstable();
     let pct = |q: f64| -> f64 {
@@ -346,7 +347,7 @@ fn report(args: &Args, total: &WorkerStats, server_cpu: f64, client_cpu: f64) {
         eprintln!("loadgen[{}]: first non-2xx status: {s}", args.label);
     }
     println!(
-        "RESULT label={} mode={:?} conc={} window_s={:.1} completed={} ok={} rps={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} errors={} non2xx={} server_cpu_s={:.2} server_cpu_us_per_req={:.1} client_cpu_s={:.2}",
+        "RESULT label={} mode={:?} conc={} window_s={:.1} completed={} ok={} rps={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} errors={} non2xx={} server_cpu_s={:.2} server_cpu_us_per_req={:.1} client_cpu_s={:.2} machine_busy_pct={:.0} machine_steal_pct={:.1}",
         args.label,
         args.mode,
         args.concurrency,
@@ -363,6 +364,8 @@ fn report(args: &Args, total: &WorkerStats, server_cpu: f64, client_cpu: f64) {
         server_cpu,
         cpu_us_per_req,
         client_cpu,
+        machine.busy_pct,
+        machine.steal_pct,
     );
 }
 
@@ -566,10 +569,7 @@ fn client_config(args: &Args) -> Result<Arc<rustls::ClientConfig>, BoxError> {
 
 /// The example's header set (minus Content-Type on a GET), plus Host and an access token the
 /// proxies must strip. X-Request-Id is set per request.
-fn fixed_headers(
-    path: &Path,
-    with_body: bool,
-) -> Result<Vec<(HeaderName, HeaderValue)>, BoxError> {
+fn fixed_headers(path: &Path, with_body: bool) -> Result<Vec<(HeaderName, HeaderValue)>, BoxError> {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
     let map = json["valid_process_message_request"]["headers"]
         .as_object()
@@ -613,8 +613,54 @@ fn stat_cpu_seconds(stat: &str) -> f64 {
         return 0.0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// How busy the whole machine (every core, every process) was over the window.
+#[derive(Debug, Clone, Copy)]
+struct MachineCpu {
+    busy_pct: f64,
+    steal_pct: f64,
+}
+
+impl MachineCpu {
+    fn between(before: [u64; 8], after: [u64; 8]) -> MachineCpu {
+        let d: Vec<f64> = (0..8)
+            .map(|i| after[i].saturating_sub(before[i]) as f64)
+            .collect();
+        let total: f64 = d.iter().sum();
+        if total == 0.0 {
+            return MachineCpu {
+                busy_pct: 0.0,
+                steal_pct: 0.0,
+            };
+        }
+        // user nice system idle iowait irq softirq steal
+        MachineCpu {
+            busy_pct: 100.0 * (total - d[3] - d[4]) / total,
+            steal_pct: 100.0 * d[7] / total,
+        }
+    }
+}
+
+/// The first eight counters of the `cpu` line of /proc/stat.
+fn machine_ticks() -> [u64; 8] {
+    let mut out = [0u64; 8];
+    if let Some(line) = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+    {
+        for (slot, field) in out.iter_mut().zip(line.split_whitespace().skip(1)) {
+            *slot = field.parse().unwrap_or(0);
+        }
+    }
+    out
 }
 
 /// Sum of VmRSS (kB) of the processes.

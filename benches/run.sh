@@ -10,9 +10,14 @@
 # loop is bounded, every process started here is stopped by its pid on exit.
 #
 # Knobs (environment): ROUNDS=3 ROUND_SECS=6 WARMUP=1 CONC_GET=64 CONC_POST=64 CONC_CONNECT=32
-#   HOLD_CONNS=10000 MODES="get post connect" SKIP_MICRO=0 SKIP_HOLD=0
+#   HOLD_CONNS=10000 MODES="get post connect" SKIP_MICRO=0 SKIP_HOLD=0 SKIP_DEDUP=0
+#   BIN_DIR=dir (reuse saved executables instead of building; the microbenchmarks then run
+#   $BIN_DIR/hot_paths)
+#   GATEWAY_VARIANTS="name:VAR=value[,VAR=value] ..." extra gateways in the rounds, same binary
+#   and config, other environment, e.g. "1worker:TOKIO_WORKER_THREADS=1
+#   mimalloc:LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2" (Debian libmimalloc2.0)
 #   AUDIT=0 (1: audit records on, written to /dev/null) PROFILE=0 (1: perf record the gateway
-#   during one extra get and one connect run; needs `perf`) OUT=target/bench-results/<time>
+#   during one extra run of each mode; needs `perf`) OUT=target/bench-results/<time>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -27,6 +32,7 @@ HOLD_CONNS=${HOLD_CONNS:-10000}
 MODES=${MODES:-get post connect}
 AUDIT=${AUDIT:-0}
 PROFILE=${PROFILE:-0}
+GATEWAY_VARIANTS=${GATEWAY_VARIANTS:-}
 OUT=${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -57,6 +63,18 @@ ulimit -Hn 1048576 2>/dev/null || true
 ulimit -Sn 1048576 2>/dev/null || ulimit -Sn "$(ulimit -Hn)"
 log "fd limit: $(ulimit -n)"
 
+# Debian packages the harness needs (nginx is the comparison; openssl makes the PKI).
+missing=()
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} (Debian packages)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 0. The machine, for BENCHMARKS.md.
 {
@@ -71,31 +89,30 @@ log "fd limit: $(ulimit -n)"
     echo "uptime at start: $(uptime)"
 } | tee "$OUT/machine.txt" >&2
 
-command -v nginx >/dev/null 2>&1 || {
-    log "installing nginx (Debian package)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-}
-command -v openssl >/dev/null 2>&1 || {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
-}
 
 # ---------------------------------------------------------------------------------------------
 # 1. Build once (a no-op when nothing changed). Building the benches also builds the gateway
 #    binary, with the same features; the executables' paths come from cargo's JSON messages.
-log "building (cargo bench --no-run: the release profile)"
-cargo bench --no-run --bench loadgen --bench backend --bench dedup_memory --bench hot_paths \
-    --message-format=json-render-diagnostics >"$OUT/build.json" 2>"$OUT/build.log" ||
-    { tail -30 "$OUT/build.log"; exit 1; }
-exe_of() { # target name
-    python3 -c 'import json, sys
+if [ -n "${BIN_DIR:-}" ]; then
+    # Reuse executables saved from an earlier build (bars-gateway, loadgen, backend, dedup_memory).
+    log "using the executables in $BIN_DIR (no build)"
+    GATEWAY=$BIN_DIR/bars-gateway LOADGEN=$BIN_DIR/loadgen BACKEND=$BIN_DIR/backend DEDUP_MEMORY=$BIN_DIR/dedup_memory
+else
+    log "building (cargo bench --no-run: the release profile)"
+    cargo bench --no-run --bench loadgen --bench backend --bench dedup_memory --bench hot_paths \
+        --message-format=json-render-diagnostics >"$OUT/build.json" 2>"$OUT/build.log" ||
+        { tail -30 "$OUT/build.log"; exit 1; }
+    exe_of() { # target name
+        python3 -c 'import json, sys
 paths = [m["executable"] for m in map(json.loads, open(sys.argv[1]))
          if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[2] and m.get("executable")]
 print(paths[-1] if paths else "")' "$OUT/build.json" "$1"
-}
-GATEWAY=$(exe_of bars-gateway)
-LOADGEN=$(exe_of loadgen)
-BACKEND=$(exe_of backend)
-DEDUP_MEMORY=$(exe_of dedup_memory)
+    }
+    GATEWAY=$(exe_of bars-gateway)
+    LOADGEN=$(exe_of loadgen)
+    BACKEND=$(exe_of backend)
+    DEDUP_MEMORY=$(exe_of dedup_memory)
+fi
 for exe in "$GATEWAY" "$LOADGEN" "$BACKEND" "$DEDUP_MEMORY"; do
     [ -n "$exe" ] && [ -x "$exe" ] || { log "missing executable for the bench: '$exe' (see $OUT/build.json)"; exit 1; }
 done
@@ -154,6 +171,10 @@ cat >"$WORK/gateway.toml" <<EOF
 [listen]
 address = "127.0.0.1:$GW_PORT"
 max_connections = 20000
+# hyper's header_read_timeout also runs while a keep-alive connection waits for its next request,
+# so with the 10 s default every idle connection closes after 10 s (idle_timeout is 60 s): the
+# 10,000-connection test takes longer than that to open them all. 60 s = idle_timeout.
+header_read_timeout = "60s"
 
 [tls]
 certificate = "$P/server.pem"
@@ -229,6 +250,9 @@ http {
         # the 35 KB body stays in memory (the gateway buffers it for dedup too)
         client_body_buffer_size 64k;
         client_max_body_size 10m;
+        # the default (1000) closes a keep-alive connection every 1000 requests: a new handshake
+        # the gateway never asks for
+        keepalive_requests 1000000;
         allow 127.0.0.1;
         deny all;
         location / {
@@ -258,6 +282,23 @@ NGX1_PID=$NGINX_PID
 start_nginx "$WORK/nginxa" "$NGXA_PORT" auto
 NGXA_PID=$NGINX_PID
 cp "$WORK/nginx1/nginx.conf" "$OUT/nginx-1worker.conf"
+
+# Gateway variants: the same binary and config on other ports, another environment.
+VARIANT_SERVERS=()
+i=0
+for variant in $GATEWAY_VARIANTS; do
+    name=${variant%%:*}
+    envs=${variant#*:}
+    port=$((BASE + 5 + i))
+    i=$((i + 1))
+    sed -e "s/^address = \"127.0.0.1:$GW_PORT\"/address = \"127.0.0.1:$port\"/" \
+        -e "s/^address = \"127.0.0.1:$ADMIN_PORT\"/address = \"\"/" "$WORK/gateway.toml" >"$WORK/gateway-$name.toml"
+    # shellcheck disable=SC2086 # VAR=value words for env
+    env ${envs//,/ } "$GATEWAY" run --config "$WORK/gateway-$name.toml" >"$OUT/gateway-$name.log" 2>&1 &
+    STARTED_PIDS+=("$!")
+    VARIANT_SERVERS+=("gateway-$name $port $!")
+    wait_port "$port" "gateway-$name"
+done
 sleep 1
 
 # A server's processes: the gateway is one; nginx is its master and workers.
@@ -286,6 +327,10 @@ RESULTS=$OUT/results.txt
 echo "IDLE label=gateway rss_kb=$(rss_kb "$GW_PIDS") pids=$GW_PIDS" >>"$RESULTS"
 echo "IDLE label=nginx-1w rss_kb=$(rss_kb "$NGX1_PIDS") pids=$NGX1_PIDS" >>"$RESULTS"
 echo "IDLE label=nginx-auto rss_kb=$(rss_kb "$NGXA_PIDS") pids=$NGXA_PIDS" >>"$RESULTS"
+for s in "${VARIANT_SERVERS[@]}"; do
+    set -- $s
+    echo "IDLE label=$1 rss_kb=$(rss_kb "$3") pids=$3" >>"$RESULTS"
+done
 cat "$RESULTS" >&2
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +338,7 @@ cat "$RESULTS" >&2
 #    gateway in the handshake, nginx with 403 after it).
 policy() { # port cert
     curl -s -o /dev/null -w '%{http_code}' --max-time 5 --cacert "$P/ca.pem" --cert "$P/$2.pem" --key "$P/$2.key" \
+        -H "X-Request-Id: $(cat /proc/sys/kernel/random/uuid)" -H "X-Correlation-Id: $(cat /proc/sys/kernel/random/uuid)" \
         -H "Accept: application/fhir+json; version=1.0.0" "https://localhost:$1/metadata" || true
 }
 for s in "gateway $GW_PORT" "nginx-1w $NGX1_PORT" "nginx-auto $NGXA_PORT"; do
@@ -328,8 +374,12 @@ fi
 # 7. Throughput: alternating rounds, the server order reversed every other round.
 conc_of() { case $1 in get) echo "$CONC_GET" ;; post) echo "$CONC_POST" ;; connect) echo "$CONC_CONNECT" ;; esac; }
 for round in $(seq "$ROUNDS"); do
-    order=("${SERVERS[@]}")
-    if [ $((round % 2)) = 0 ]; then order=("${SERVERS[2]}" "${SERVERS[1]}" "${SERVERS[0]}"); fi
+    order=("${SERVERS[@]}" "${VARIANT_SERVERS[@]}")
+    if [ $((round % 2)) = 0 ]; then
+        reversed=()
+        for ((k = ${#order[@]} - 1; k >= 0; k--)); do reversed+=("${order[k]}"); done
+        order=("${reversed[@]}")
+    fi
     for mode in $MODES; do
         for s in "${order[@]}"; do
             set -- $s
@@ -349,7 +399,7 @@ echo "METRICS $(grep -E '^bars_gateway_(dedup_total|requests_total|rejections_to
 # ---------------------------------------------------------------------------------------------
 # 8. Optional: where the gateway's CPU goes (flat profile, symbols from the release binary).
 if [ "$PROFILE" = 1 ] && command -v perf >/dev/null 2>&1; then
-    for mode in get connect; do
+    for mode in get post connect; do
         log "profile: perf record the gateway during $mode"
         perf record -F 999 -e cpu-clock -p "$GW_PID" -o "$OUT/perf-$mode.data" -- sleep "$((ROUND_SECS + WARMUP))" \
             >"$OUT/perf-$mode.log" 2>&1 &
@@ -357,8 +407,9 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null 2>&1; then
         loadgen gateway "$GW_PORT" "$GW_PIDS" "$mode" "$(conc_of "$mode")" --duration "$ROUND_SECS" --warmup "$WARMUP" \
             >"$OUT/perf-$mode.result" || true
         wait "$PERF_PID" || true
-        perf report -i "$OUT/perf-$mode.data" --no-children --sort dso,symbol --percent-limit 0.7 --stdio \
-            >"$OUT/perf-$mode.txt" 2>/dev/null || true
+        perf report -i "$OUT/perf-$mode.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
+            cut -c1-220 >"$OUT/perf-$mode.txt" || true
+        python3 "$ROOT/benches/perf_buckets.py" "$mode" "$OUT/perf-$mode.txt" >>"$RESULTS" || true
     done
 fi
 
@@ -372,12 +423,17 @@ cleanup_servers() {
     done
 }
 cleanup_servers
-log "dedup memory store: 1,000,000 entries"
-"$DEDUP_MEMORY" 1000000 | tee -a "$RESULTS" >&2
-"$DEDUP_MEMORY" 1000000 --reference | tee -a "$RESULTS" >&2
+if [ "${SKIP_DEDUP:-0}" != 1 ]; then
+    log "dedup memory store: 1,000,000 entries"
+    for variant in "store" "store --reference" "moka-ttl" "hashmap-fifo"; do
+        # shellcheck disable=SC2086 # the variant carries its own flags
+        "$DEDUP_MEMORY" 1000000 --variant $variant | tee -a "$RESULTS" >&2
+    done
+fi
 if [ "${SKIP_MICRO:-0}" != 1 ]; then
     log "criterion microbenchmarks (short)"
-    cargo bench --bench hot_paths -- --warm-up-time 1 --measurement-time 3 --noplot 2>/dev/null |
+    if [ -n "${BIN_DIR:-}" ]; then HOT_PATHS=("$BIN_DIR/hot_paths" --bench); else HOT_PATHS=(cargo bench --bench hot_paths --); fi
+    "${HOT_PATHS[@]}" --warm-up-time 1 --measurement-time 3 --noplot 2>/dev/null |
         tee "$OUT/hot_paths.txt" | grep -E '^[a-z].*|time:|thrpt:' >&2 || true
 fi
 echo "uptime at end: $(uptime)" | tee -a "$OUT/machine.txt" >&2

@@ -101,6 +101,49 @@ def main():
         ratio = lambda l: fmt_ratio(num(d["gateway"]["rps"]), num(d[l]["rps"])) if l in d and "gateway" in d else "-"
         print(f"| {rnd} | {mode.lower()} | {cell('gateway')} | {cell('nginx-1w')} | {ratio('nginx-1w')} | {cell('nginx-auto')} | {ratio('nginx-auto')} |")
 
+    variants = sorted({r["label"] for r in rows if r["kind"] == "RESULT" and r.get("label", "").startswith("gateway-")})
+    if variants:
+        print("\n### Gateway variants, same run (medians; same binary and config, other environment)\n")
+        print("| test | server | req/s | p99 ms | server CPU µs/req | req/s vs gateway | CPU vs gateway | req/s vs nginx-1w |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for mode in GOALS:
+            base = runs.get((mode, "gateway"), [])
+            n1 = runs.get((mode, "nginx-1w"), [])
+            if not base:
+                continue
+            med = lambda rs, k: statistics.median([num(r.get(k)) for r in rs]) if rs else 0.0
+            b_rps, b_cpu, n_rps = med(base, "rps"), med(base, "server_cpu_us_per_req"), med(n1, "rps")
+            print(f"| {mode.lower()} | gateway | {b_rps:.0f} | {med(base, 'p99_ms'):.2f} | {b_cpu:.0f} | 1.00 | 1.00 | {fmt_ratio(b_rps, n_rps)} |")
+            for v in variants:
+                rs = runs.get((mode, v), [])
+                if rs:
+                    rps, cpu = med(rs, "rps"), med(rs, "server_cpu_us_per_req")
+                    print(f"| | {v} | {rps:.0f} | {med(rs, 'p99_ms'):.2f} | {cpu:.0f} | {fmt_ratio(rps, b_rps)} | {fmt_ratio(cpu, b_cpu)} | {fmt_ratio(rps, n_rps)} |")
+
+    busy = [num(r.get("machine_busy_pct")) for r in rows if r["kind"] == "RESULT" and "machine_busy_pct" in r]
+    steal = [num(r.get("machine_steal_pct")) for r in rows if r["kind"] == "RESULT" and "machine_steal_pct" in r]
+    client = [num(r.get("client_cpu_s")) / num(r.get("window_s"), 1.0) for r in rows if r["kind"] == "RESULT" and "client_cpu_s" in r]
+    if busy:
+        print(f"\nWhole machine during the measured windows: busy {min(busy):.0f}–{max(busy):.0f} % of both cores"
+              f" (steal up to {max(steal):.1f} %); the load generator itself used {min(client):.2f}–{max(client):.2f} cores.")
+
+    prof = [r for r in rows if r["kind"] == "PROFILE"]
+    if prof:
+        modes = []
+        for r in prof:
+            if r["mode"] not in modes:
+                modes.append(r["mode"])
+        buckets = []
+        for r in prof:
+            if r["bucket"] not in buckets and r["bucket"] != "total_sampled":
+                buckets.append(r["bucket"])
+        cell = {(r["mode"], r["bucket"]): num(r["pct"]) for r in prof}
+        print("\n### Where the gateway's CPU goes (perf, % of its samples)\n")
+        print("| bucket | " + " | ".join(modes) + " |")
+        print("|---|" + "---:|" * len(modes))
+        for b in buckets:
+            print(f"| {b.replace('_', ' ')} | " + " | ".join(f"{cell.get((m, b), 0.0):.1f}" for m in modes) + " |")
+
     print("\n### Memory (VmRSS; nginx = master + workers)\n")
     print("| | bars-gateway | nginx 1 worker | nginx auto (2) |")
     print("|---|---:|---:|---:|")
@@ -118,17 +161,24 @@ def main():
             f"{num(hold[l].get('kb_per_conn')):.1f} kB" if l in hold else "-" for l in LABELS) + " |")
     if after:
         print("| after the load rounds (gateway: incl. its dedup entries) | " + " | ".join(mb(after.get(l, 0)) for l in LABELS) + " |")
+    for v in variants:
+        if v in idle:
+            print(f"| idle, after start: {v} | {mb(idle[v])} | | |")
     g_idle = idle.get("gateway", 0) / 1024
     print(f"\nIdle RSS goal (<= 13 MB): bars-gateway {g_idle:.1f} MB: {'met' if g_idle <= 13 else 'NOT met'}.")
 
     dm = [r for r in rows if r["kind"] == "RESULT" and "bytes_per_entry" in r]
     if dm:
-        print("\n### Dedup memory store (moka), 1M unique ids claimed then completed\n")
-        print("| Location reference stored | entries held | RSS growth | bytes/entry | ops/s | goal < 300 MB |")
-        print("|---|---:|---:|---:|---:|---|")
+        print("\n### Dedup memory store, 1M unique ids claimed then completed (RSS growth of the process)\n")
+        print("| store | Location reference stored | entries held | RSS growth | bytes/entry | claim+complete ops/s | goal < 300 MB |")
+        print("|---|---|---:|---:|---:|---:|---|")
+        names = {"store": "MemoryStore (moka, per-entry expiry)", "moka-ttl": "yardstick: moka, one TTL",
+                 "hashmap-fifo": "yardstick: HashMap + FIFO"}
         for r in dm:
             g = num(r["growth_mb"])
-            print(f"| {r['reference']} | {r['held']} | {g:.0f} MB | {r['bytes_per_entry']} | {r['ops_per_s']} | {'met' if g < 300 else 'NOT met'} |")
+            v = r.get("variant", "store")
+            verdict = ("met" if g < 300 else "NOT met") if v == "store" else ("would meet" if g < 300 else "would not meet")
+            print(f"| {names.get(v, v)} | {r['reference']} | {r['held']} | {g:.0f} MB | {r['bytes_per_entry']} | {r['ops_per_s']} | {verdict} |")
 
     pol = [r for r in rows if r["kind"] == "POLICY"]
     if pol:
