@@ -31,7 +31,7 @@ use crate::bars::routes::RouteTable;
 use crate::bars::{self, Refusal};
 use crate::config::{BarsSettings, DedupSettings, ListenSettings, OnStoreError};
 use crate::dedup::{self, Claim, DedupStore, Entry, Fingerprint, Replay};
-use crate::idle::{ActivityIo, IdleWatch};
+use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, OutcomeLabel, StatusLabel};
 use crate::tls::{self, LoadedTls};
 use crate::upstream::{ForwardedHeaders, GatewayBody, Upstream, Upstreams};
@@ -87,7 +87,9 @@ impl Shared {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(listen.header_read_timeout)
+            // A backstop only: hyper's timer also runs while a kept-alive connection waits for its
+            // next request, so it must not be shorter than idle_timeout (see idle.rs).
+            .header_read_timeout(listen.idle_timeout.max(listen.header_read_timeout))
             // Slack above the limit, so that the pipeline (not hyper, with a bare 431) refuses a
             // header section a little over it: with an OperationOutcome and the ids echoed.
             .max_buf_size(listen.max_header_bytes + HEADER_SLACK)
@@ -184,7 +186,12 @@ pub async fn serve_connection(
     });
 
     // 4. HTTP/1.1 or h2 (ALPN) until the client closes, the connection idles out, or we drain.
-    let idle = IdleWatch::new(shared.listen.idle_timeout);
+    // The header timer runs on HTTP/1 only: on h2, pings and window updates arrive between requests.
+    let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
+    let idle = IdleWatch::new(
+        shared.listen.idle_timeout,
+        (!is_h2).then_some(shared.listen.header_read_timeout),
+    );
     let io = TokioIo::new(ActivityIo::new(tls_stream, idle.clone()));
     let service = {
         let shared = shared.clone();
@@ -212,7 +219,12 @@ pub async fn serve_connection(
                 }
                 break;
             }
-            _ = idle.expired() => {
+            expiry = idle.expired() => {
+                if expiry == Expiry::HeaderTimeout {
+                    shared.metrics.reject("header_timeout");
+                    tracing::info!(client = %admitted.client, "request header section not received in time; closing");
+                    break;
+                }
                 if closing {
                     // Asked to close and still stuck a whole idle timeout later: a client that
                     // stopped reading (or an h2 peer that never opens its window) would otherwise

@@ -1,6 +1,12 @@
-//! Idle connection detection: a connection with no request in flight and no bytes moving for
-//! `listen.idle_timeout` is closed gracefully. hyper has no such timer of its own for HTTP/1.1
-//! keep-alive, and an idle mTLS connection still holds memory and a `max_connections` slot.
+//! Connection timers: a connection with no request in flight and no bytes moving for
+//! `listen.idle_timeout` is closed gracefully (an idle mTLS connection still holds memory and a
+//! `max_connections` slot), and on HTTP/1 a request whose header section has started to arrive
+//! must be complete within `listen.header_read_timeout` (slowloris).
+//!
+//! hyper's own `header_read_timeout` cannot tell the two apart: it also runs while a kept-alive
+//! connection waits for its next request (hyper#3828), which would close every idle connection
+//! after the short header timeout and make the BaRS proxy pay a full RSA handshake after each
+//! quiet spell. So hyper's timer is only a backstop at `idle_timeout`, and these timers decide.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -9,7 +15,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// Why a connection's time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No request in flight and no bytes moving for the idle timeout: close gracefully.
+    Idle,
+    /// A request's header section started but did not complete in time: drop the connection.
+    HeaderTimeout,
+}
 
 /// Shared between a connection's IO and its requests: last activity and requests in flight.
 #[derive(Debug, Clone)]
@@ -23,6 +39,12 @@ struct IdleState {
     timeout: Duration,
     last_activity_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// `None` disables the header timer (h2: pings and window updates are not request starts).
+    header_timeout: Option<Duration>,
+    /// When the pending request's first byte arrived, in ms since `origin` plus one; 0 = none.
+    header_started: AtomicU64,
+    /// Wakes the timer task when a header section starts.
+    header_start: Notify,
 }
 
 /// Marks a request in flight until dropped.
@@ -43,43 +65,76 @@ impl IdleState {
         let ms = self.origin.elapsed().as_millis() as u64;
         self.last_activity_ms.store(ms, Ordering::Relaxed);
     }
+
+    /// Bytes arrived: with no request in flight they start the next request's header section.
+    fn received(&self) {
+        self.touch();
+        if self.header_timeout.is_some()
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.header_started.load(Ordering::Relaxed) == 0
+        {
+            let ms = self.origin.elapsed().as_millis() as u64 + 1;
+            self.header_started.store(ms, Ordering::Relaxed);
+            self.header_start.notify_one();
+        }
+    }
 }
 
 impl IdleWatch {
-    /// A watch that expires after `timeout` of idleness.
-    pub fn new(timeout: Duration) -> IdleWatch {
+    /// A watch that expires after `timeout` of idleness, or `header_timeout` after a request's
+    /// first byte if the request has not reached the service by then (`None`: no header timer).
+    pub fn new(timeout: Duration, header_timeout: Option<Duration>) -> IdleWatch {
         IdleWatch {
             inner: Arc::new(IdleState {
                 origin: Instant::now(),
                 timeout,
                 last_activity_ms: AtomicU64::new(0),
                 in_flight: AtomicUsize::new(0),
+                header_timeout,
+                header_started: AtomicU64::new(0),
+                header_start: Notify::new(),
             }),
         }
     }
 
-    /// Marks a request in flight for as long as the guard lives.
+    /// Marks a request in flight for as long as the guard lives; its header section is complete.
     pub fn busy(&self) -> Busy {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.inner.header_started.store(0, Ordering::Relaxed);
         Busy {
             inner: self.inner.clone(),
         }
     }
 
-    /// Resolves once the connection has been idle for the timeout.
-    pub async fn expired(&self) {
+    /// Resolves once the connection has been idle for the timeout, or a header section has taken
+    /// too long.
+    pub async fn expired(&self) -> Expiry {
+        let s = &self.inner;
         loop {
-            let last = Duration::from_millis(self.inner.last_activity_ms.load(Ordering::Relaxed));
-            let deadline = self.inner.origin + last + self.inner.timeout;
-            tokio::time::sleep_until(deadline).await;
-            let now_last =
-                Duration::from_millis(self.inner.last_activity_ms.load(Ordering::Relaxed));
-            if now_last == last && self.inner.in_flight.load(Ordering::Relaxed) == 0 {
-                return;
+            let last = Duration::from_millis(s.last_activity_ms.load(Ordering::Relaxed));
+            let mut deadline = s.origin + last + s.timeout;
+            let started = s.header_started.load(Ordering::Relaxed);
+            if let (Some(limit), true) = (s.header_timeout, started > 0) {
+                deadline = deadline.min(s.origin + Duration::from_millis(started - 1) + limit);
             }
-            if self.inner.in_flight.load(Ordering::Relaxed) > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                // A header section started: recompute the deadline.
+                _ = s.header_start.notified() => continue,
+            }
+            let started_now = s.header_started.load(Ordering::Relaxed);
+            if let (Some(limit), true) = (s.header_timeout, started_now > 0) {
+                if s.origin + Duration::from_millis(started_now - 1) + limit <= Instant::now() {
+                    return Expiry::HeaderTimeout;
+                }
+            }
+            let now_last = Duration::from_millis(s.last_activity_ms.load(Ordering::Relaxed));
+            if now_last == last && s.in_flight.load(Ordering::Relaxed) == 0 && started_now == 0 {
+                return Expiry::Idle;
+            }
+            if s.in_flight.load(Ordering::Relaxed) > 0 {
                 // A request is being processed (e.g. waiting on the upstream): not idle.
-                self.inner.touch();
+                s.touch();
             }
         }
     }
@@ -108,7 +163,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.watch.inner.touch();
+            self.watch.inner.received();
         }
         result
     }
@@ -158,15 +213,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_expires_after_the_timeout() {
-        let watch = IdleWatch::new(Duration::from_secs(60));
+        let watch = IdleWatch::new(Duration::from_secs(60), None);
         let start = Instant::now();
-        watch.expired().await;
+        assert_eq!(watch.expired().await, Expiry::Idle);
         assert!(start.elapsed() >= Duration::from_secs(60));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_in_flight_keeps_the_connection_alive() {
-        let watch = IdleWatch::new(Duration::from_secs(10));
+        let watch = IdleWatch::new(Duration::from_secs(10), None);
         let busy = watch.busy();
         let w = watch.clone();
         let expiry = tokio::spawn(async move { w.expired().await });
@@ -179,5 +234,38 @@ mod tests {
         let at_release = Instant::now();
         expiry.await.unwrap();
         assert!(at_release.elapsed() >= Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_header_section_must_complete_within_the_header_timeout() {
+        let watch = IdleWatch::new(Duration::from_secs(60), Some(Duration::from_secs(10)));
+        let w = watch.clone();
+        let expiry = tokio::spawn(async move { w.expired().await });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            !expiry.is_finished(),
+            "idle for 30 s is fine: no request has started"
+        );
+        let started = Instant::now();
+        watch.inner.received(); // the first bytes of a request head
+        assert_eq!(expiry.await.unwrap(), Expiry::HeaderTimeout);
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_header_section_that_completes_in_time_stops_the_header_timer() {
+        let watch = IdleWatch::new(Duration::from_secs(60), Some(Duration::from_secs(10)));
+        let w = watch.clone();
+        let expiry = tokio::spawn(async move { w.expired().await });
+        watch.inner.received();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(watch.busy()); // the head was complete: the request ran and finished
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            !expiry.is_finished(),
+            "the header timer stopped with the request"
+        );
+        assert_eq!(expiry.await.unwrap(), Expiry::Idle);
     }
 }
