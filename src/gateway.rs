@@ -34,7 +34,7 @@ use crate::dedup::{self, Claim, DedupStore, Entry, Fingerprint, Replay};
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, OutcomeLabel, StatusLabel};
 use crate::tls::{self, LoadedTls};
-use crate::upstream::{ForwardedHeaders, GatewayBody, Upstream, Upstreams};
+use crate::upstream::{BufferedBody, ForwardedHeaders, GatewayBody, Upstream, Upstreams};
 
 /// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
 /// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
@@ -348,7 +348,8 @@ async fn check_and_forward(
     // Dedup: after access control, before processing (BaRS IG). The body is read (bounded by
     // max_body, 413) because it is part of what makes a retry "the same message".
     let body = shared.upstreams.buffered_body(&parts.headers, body).await?;
-    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &parts.headers, &body);
+    let fingerprint =
+        Fingerprint::of_chunks(&parts.method, &parts.uri, &parts.headers, &body.chunks);
     // Claim, forward and record run in their own task: a client that disconnects mid-request
     // must leave its id recorded as what really happened upstream, never half-done.
     let task = tokio::spawn(forward_once(
@@ -421,7 +422,7 @@ async fn forward_once(
     id: bars::ids::RequestId,
     fingerprint: Fingerprint,
     parts: http::request::Parts,
-    body: Bytes,
+    body: BufferedBody,
     path_and_query: String,
     added: ForwardedHeaders,
 ) -> ForwardOutcome {
@@ -474,11 +475,15 @@ async fn forward_once(
             }
         },
     };
-    let full = http_body_util::Full::new(body)
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let (result, elapsed) =
-        timed_forward(&shared, &upstream, parts, full, &path_and_query, &added).await;
+    let (result, elapsed) = timed_forward(
+        &shared,
+        &upstream,
+        parts,
+        body.into_body(),
+        &path_and_query,
+        &added,
+    )
+    .await;
     let mut outcome = ForwardOutcome {
         response: result,
         dedup: if record { "first" } else { "unprotected" },

@@ -54,6 +54,55 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// A request body read whole, kept as the chunks it arrived in.
+#[derive(Debug, Clone, Default)]
+pub struct BufferedBody {
+    /// The body's chunks, in order.
+    pub chunks: Vec<Bytes>,
+}
+
+impl BufferedBody {
+    /// The body as a streamed body for the upstream request, with its exact length known.
+    pub fn into_body(self) -> GatewayBody {
+        let len = self.chunks.iter().map(Bytes::len).sum::<usize>() as u64;
+        ChunksBody {
+            chunks: self.chunks.into(),
+            remaining: len,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// Yields buffered chunks one frame each; its size hint is exact, so hyper sends Content-Length.
+struct ChunksBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl http_body::Body for ChunksBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let next = self.chunks.pop_front();
+        if let Some(chunk) = &next {
+            self.remaining -= chunk.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
 /// What the gateway adds to a forwarded request.
 #[derive(Debug, Clone)]
 pub struct ForwardedHeaders {
@@ -163,24 +212,36 @@ impl Upstreams {
             .boxed_unsync())
     }
 
-    /// The whole request body, read into memory but never beyond `max_body` (413) nor for longer
-    /// than `request_timeout` (408).
+    /// The whole request body, read into memory as the chunks it arrived in (no copy), but never
+    /// beyond `max_body` (413) nor for longer than `request_timeout` (408).
     pub async fn buffered_body(
         &self,
         headers: &HeaderMap,
         body: Incoming,
-    ) -> Result<Bytes, Refusal> {
+    ) -> Result<BufferedBody, Refusal> {
         self.check_declared_length(headers)?;
         // hyper has no body read timeout, and the idle timeout does not run while a request is in
         // flight: without this deadline a body that trickles or stalls would hold the connection,
         // its buffer and a max_connections slot for ever. The sender has given up by then anyway.
-        let read = Limited::new(body, self.max_body as usize).collect();
+        let read = async {
+            let mut body = Limited::new(body, self.max_body as usize);
+            let mut chunks = Vec::new();
+            while let Some(frame) = body.frame().await {
+                // Trailers are not forwarded (BaRS does not use them).
+                if let Ok(data) = frame?.into_data() {
+                    if !data.is_empty() {
+                        chunks.push(data);
+                    }
+                }
+            }
+            Ok::<_, BoxError>(BufferedBody { chunks })
+        };
         let Ok(collected) = tokio::time::timeout(self.request_timeout, read).await else {
             tracing::info!(timeout = ?self.request_timeout, "request body not received in time");
             return Err(Refusal::BodyTimeout);
         };
         match collected {
-            Ok(collected) => Ok(collected.to_bytes()),
+            Ok(buffered) => Ok(buffered),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge {
                 limit: self.max_body,
             }),

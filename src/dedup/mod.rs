@@ -39,6 +39,16 @@ impl Fingerprint {
     /// Fingerprints method, path and query, the listed headers and the body. Every field is
     /// length-prefixed so that no two different requests hash the same input.
     pub fn of(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Fingerprint {
+        Fingerprint::of_chunks(method, uri, headers, &[body])
+    }
+
+    /// As [`Fingerprint::of`], for a body held as the chunks it arrived in (no concatenation).
+    pub fn of_chunks<B: AsRef<[u8]>>(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[B],
+    ) -> Fingerprint {
         let mut h = Sha256::new();
         let mut field = |bytes: &[u8]| {
             h.update((bytes.len() as u64).to_be_bytes());
@@ -58,7 +68,11 @@ impl Fingerprint {
                 field(v);
             }
         }
-        field(body);
+        let len: usize = body.iter().map(|c| c.as_ref().len()).sum();
+        h.update((len as u64).to_be_bytes());
+        for chunk in body {
+            h.update(chunk.as_ref());
+        }
         Fingerprint(h.finalize().into())
     }
 }
@@ -312,6 +326,17 @@ mod tests {
             a,
             Fingerprint::of(&Method::POST, &uri, &h4, b"{}"),
             "content type counts"
+        );
+    }
+
+    #[test]
+    fn fingerprint_of_chunks_equals_fingerprint_of_the_whole_body() {
+        let uri: Uri = "/$process-message".parse().unwrap();
+        let whole = Fingerprint::of(&Method::POST, &uri, &headers(), b"{\"a\":1}");
+        let chunks = [&b"{\"a"[..], &b"\":"[..], &b""[..], &b"1}"[..]];
+        assert_eq!(
+            whole,
+            Fingerprint::of_chunks(&Method::POST, &uri, &headers(), &chunks)
         );
     }
 
