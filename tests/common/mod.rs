@@ -845,12 +845,36 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A `bars-gateway run` child process, killed when dropped (so a failing test leaves none behind).
+pub struct GatewayProcess(pub std::process::Child);
+
+impl std::ops::Deref for GatewayProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for GatewayProcess {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        // Already reaped by a test's wait(): kill fails harmlessly.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `bars-gateway run` on a free port with info logs; returns the child, its port and a
 /// channel of its stderr lines.
 pub fn spawn_gateway(
     pki: &TestPki,
     upstream_url: &str,
-) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+) -> (GatewayProcess, u16, std::sync::mpsc::Receiver<String>) {
     spawn_gateway_with(pki, upstream_url, |toml| toml)
 }
 
@@ -859,7 +883,7 @@ pub fn spawn_gateway_with(
     pki: &TestPki,
     upstream_url: &str,
     edit: impl FnOnce(String) -> String,
-) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+) -> (GatewayProcess, u16, std::sync::mpsc::Receiver<String>) {
     let port = free_port();
     let toml = pki
         .config_toml(upstream_url)
@@ -887,7 +911,7 @@ pub fn spawn_gateway_with(
             }
         }
     });
-    (child, port, rx)
+    (GatewayProcess(child), port, rx)
 }
 
 /// Waits (up to 20 s) for a stderr line containing `text`.
