@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::bars::identity::TargetIdentifier;
 use crate::bars::Refusal;
@@ -144,6 +144,9 @@ impl Upstreams {
             connector.set_nodelay(true);
             connector.enforce_http(true);
             let client = Client::builder(TokioExecutor::new())
+                // hyper-util applies the idle timeout only with a timer: without one, idle
+                // connections stayed open for as long as the receiver kept them (scripts/soak.sh).
+                .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(256)
                 .build(connector);

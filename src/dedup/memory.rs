@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
 use moka::Expiry;
 
 use super::{Claim, Entry, Fingerprint};
@@ -58,6 +59,11 @@ impl MemoryStore {
     ) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_entries)
+            // Not moka's default TinyLFU: once the store is full, TinyLFU's admission rejects most
+            // new keys (seen once or twice, like every victim), so a just-processed id was dropped
+            // within moments and its retry delivered again. LRU always admits and evicts the least
+            // recently used, i.e. the oldest unretried entry (found by scripts/soak.sh).
+            .eviction_policy(EvictionPolicy::lru())
             .expire_after(EntryExpiry { ttl, in_flight })
             .eviction_listener(move |_, _, cause| {
                 if cause == RemovalCause::Size {
@@ -172,6 +178,29 @@ mod tests {
             }
         }
         assert_eq!(firsts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_store_still_remembers_the_request_it_just_recorded() {
+        let s = store(100);
+        let fp = Fingerprint([4; 32]);
+        let done = Entry::Done {
+            fingerprint: fp,
+            status: 200,
+            reference: None,
+            replay: None,
+        };
+        let mut forgotten = Vec::new();
+        for n in 0..1000 {
+            s.claim(id(n), fp).await;
+            s.complete(id(n), done.clone()).await;
+            // Runs the cache's pending admissions and evictions, as time would.
+            s.entry_count().await;
+            if s.claim(id(n), fp).await == Claim::First {
+                forgotten.push(n);
+            }
+        }
+        assert!(forgotten.is_empty(), "forgotten at once: {forgotten:?}");
     }
 
     #[tokio::test]
