@@ -4,12 +4,11 @@
 //! per entry. RSS (from /proc/self/status) includes the allocator's overhead and fragmentation,
 //! which is what an operator's memory limit sees.
 //!
-//! Usage: `dedup_memory [N] [--reference] [--variant store|moka-ttl|hashmap-fifo]`;
+//! Usage: `dedup_memory [N] [--reference] [--variant store|hashmap-fifo]`;
 //! `--reference` stores a 36-byte Location id with each entry (receivers that answer with
-//! `Location`). The variants other than `store` (the gateway's `MemoryStore`) are yardsticks for
-//! a leaner store, with the same entries: `moka-ttl` is moka with one time-to-live instead of a
-//! per-entry expiry (no timer wheel, no eviction listener); `hashmap-fifo` is a plain `HashMap`
-//! plus an insertion-order queue for eviction, the floor a hand-written store could reach.
+//! `Location`). `hashmap-fifo` is a yardstick, not the gateway's store: one plain
+//! `HashMap<RequestId, (Entry, u32)>` plus an insertion-order queue, unsharded and without
+//! expiry, with the same entries.
 //! Run by `benches/run.sh`, or `cargo bench --bench dedup_memory`.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,17 +37,7 @@ fn main() {
         .map(String::as_str)
         .unwrap_or("store")
         .to_owned();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dedup_memory: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    runtime.block_on(measure(entries, with_reference, &variant));
+    measure(entries, with_reference, &variant);
 }
 
 /// The n-th distinct request: its id and fingerprint, as unique requests have.
@@ -71,7 +60,7 @@ fn done(id: RequestId, fingerprint: Fingerprint, with_reference: bool) -> Entry 
     }
 }
 
-async fn measure(entries: u64, with_reference: bool, variant: &str) {
+fn measure(entries: u64, with_reference: bool, variant: &str) {
     let ttl = Duration::from_secs(24 * 3600);
     let before_kb = rss_kb();
     let started = Instant::now();
@@ -84,37 +73,13 @@ async fn measure(entries: u64, with_reference: bool, variant: &str) {
             let store = MemoryStore::new(entries, ttl, Duration::from_secs(40), Arc::new(metrics));
             for n in 0..entries {
                 let (id, fingerprint) = nth(n);
-                if store.claim(id, fingerprint).await == Claim::First {
+                if store.claim(id, fingerprint) == Claim::First {
                     firsts += 1;
                 }
-                store
-                    .complete(id, done(id, fingerprint, with_reference))
-                    .await;
+                store.complete(id, done(id, fingerprint, with_reference));
             }
-            held = store.entry_count().await;
+            held = store.entry_count();
             Box::new(store)
-        }
-        "moka-ttl" => {
-            let cache: moka::future::Cache<RequestId, Entry> = moka::future::Cache::builder()
-                .max_capacity(entries)
-                .time_to_live(ttl)
-                .build();
-            for n in 0..entries {
-                let (id, fingerprint) = nth(n);
-                let claimed = cache
-                    .entry(id)
-                    .or_insert_with(async move { Entry::InFlight { fingerprint } })
-                    .await;
-                if claimed.is_fresh() {
-                    firsts += 1;
-                }
-                cache
-                    .insert(id, done(id, fingerprint, with_reference))
-                    .await;
-            }
-            cache.run_pending_tasks().await;
-            held = cache.entry_count();
-            Box::new(cache)
         }
         "hashmap-fifo" => {
             let mut map: HashMap<RequestId, (Entry, u32)> = HashMap::new();
@@ -139,7 +104,7 @@ async fn measure(entries: u64, with_reference: bool, variant: &str) {
             Box::new((map, order))
         }
         other => {
-            eprintln!("dedup_memory: unknown variant {other:?} (store, moka-ttl, hashmap-fifo)");
+            eprintln!("dedup_memory: unknown variant {other:?} (store, hashmap-fifo)");
             std::process::exit(2);
         }
     };

@@ -206,7 +206,7 @@ pub struct BarsSettings {
 /// Which dedup store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DedupBackend {
-    /// In-process moka cache (one replica; lost on restart).
+    /// In-process bounded store (one replica; lost on restart).
     Memory,
     /// Shared Redis (several replicas behave as one; survives restarts).
     Redis {

@@ -156,7 +156,7 @@ pub fn in_flight_ttl(request_timeout: Duration) -> Duration {
 
 /// The configured store.
 pub enum DedupStore {
-    /// moka, in process.
+    /// In process, bounded.
     Memory(memory::MemoryStore),
     /// Redis, shared by replicas.
     Redis(redis::RedisStore),
@@ -192,7 +192,7 @@ impl DedupStore {
         fingerprint: Fingerprint,
     ) -> Result<Claim, StoreError> {
         match self {
-            DedupStore::Memory(s) => Ok(s.claim(id, fingerprint).await),
+            DedupStore::Memory(s) => Ok(s.claim(id, fingerprint)),
             DedupStore::Redis(s) => s.claim(id, fingerprint).await,
         }
     }
@@ -201,7 +201,7 @@ impl DedupStore {
     pub async fn complete(&self, id: RequestId, entry: Entry) -> Result<(), StoreError> {
         match self {
             DedupStore::Memory(s) => {
-                s.complete(id, entry).await;
+                s.complete(id, entry);
                 Ok(())
             }
             DedupStore::Redis(s) => s.complete(id, entry).await,
@@ -212,7 +212,7 @@ impl DedupStore {
     pub async fn release(&self, id: RequestId) -> Result<(), StoreError> {
         match self {
             DedupStore::Memory(s) => {
-                s.release(id).await;
+                s.release(id);
                 Ok(())
             }
             DedupStore::Redis(s) => s.release(id).await,
