@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -29,18 +30,25 @@ pub type GatewayBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErro
 
 /// Headers the gateway sets for the legacy receiver; any copy a client sends is removed first so
 /// they cannot be spoofed (DESIGN.md §4).
-pub const GATEWAY_OWNED_HEADERS: [&str; 10] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-real-ip",
-    "forwarded",
-    "x-client-cert-subject",
-    "x-client-cert-sha256",
-    "x-bars-target",
-    "x-bars-ods-code",
+pub const GATEWAY_OWNED_HEADERS: [HeaderName; 10] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+    header::FORWARDED,
+    X_CLIENT_CERT_SUBJECT,
+    X_CLIENT_CERT_SHA256,
+    X_BARS_TARGET,
+    X_BARS_ODS_CODE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
+const X_CLIENT_CERT_SHA256: HeaderName = HeaderName::from_static("x-client-cert-sha256");
+const X_BARS_TARGET: HeaderName = HeaderName::from_static("x-bars-target");
+const X_BARS_ODS_CODE: HeaderName = HeaderName::from_static("x-bars-ods-code");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and their old companions: never forwarded either way.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -122,6 +130,8 @@ pub struct ForwardedHeaders {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     url: UpstreamUrl,
+    /// `url.authority`, parsed once.
+    authority: Authority,
     client: Client<HttpConnector, GatewayBody>,
 }
 
@@ -152,6 +162,12 @@ impl Upstreams {
                 .build(connector);
             Arc::new(Upstream {
                 url: url.clone(),
+                // The config took it from a parsed URL, so it parses; were it not to, requests
+                // would fail to connect (503) rather than go elsewhere.
+                authority: url.authority.parse().unwrap_or_else(|e| {
+                    tracing::error!(authority = %url.authority, error = %e, "invalid upstream authority");
+                    Authority::from_static("invalid.")
+                }),
                 client,
             })
         };
@@ -277,15 +293,25 @@ impl Upstreams {
         path_and_query: &str,
         added: &ForwardedHeaders,
     ) -> Result<Response<GatewayBody>, Refusal> {
-        let uri: Uri = format!(
-            "http://{}{}{}",
-            upstream.url.authority, upstream.url.base_path, path_and_query
-        )
-        .parse()
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot build the upstream URI");
-            Refusal::Internal
-        })?;
+        // The authority is parsed once, at start; only the path is parsed here.
+        let path_and_query = if upstream.url.base_path.is_empty() {
+            PathAndQuery::try_from(path_and_query)
+        } else {
+            PathAndQuery::try_from(format!("{}{path_and_query}", upstream.url.base_path))
+        };
+        let uri = path_and_query
+            .map_err(http::Error::from)
+            .and_then(|p| {
+                Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(upstream.authority.clone())
+                    .path_and_query(p)
+                    .build()
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot build the upstream URI");
+                Refusal::Internal
+            })?;
         rewrite_request_headers(&mut parts.headers, &self.strip_headers, added);
         parts.uri = uri;
         parts.version = Version::HTTP_11;
@@ -417,29 +443,31 @@ pub fn rewrite_request_headers(
     // `X-Client-Cert-Subject` as the same variable, so an underscored twin could shadow the
     // gateway's own headers or a validated NHSD one. No BaRS header has an underscore: drop them
     // all, as nginx does by default (`underscores_in_headers off`).
-    let underscored: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in underscored {
-        headers.remove(name);
+    if headers.keys().any(|name| name.as_str().contains('_')) {
+        let underscored: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
+            headers.remove(name);
+        }
     }
     // hyper's client sets Host from the upstream URI, as nginx's proxy_pass does by default.
     headers.remove(header::HOST);
     for name in strip {
         headers.remove(name);
     }
-    for name in GATEWAY_OWNED_HEADERS {
+    for name in &GATEWAY_OWNED_HEADERS {
         headers.remove(name);
     }
-    headers.insert("x-forwarded-for", added.forwarded_for.clone());
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_FOR, added.forwarded_for.clone());
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     let optional = [
-        ("x-client-cert-subject", &added.cert_subject),
-        ("x-client-cert-sha256", &added.cert_sha256),
-        ("x-bars-target", &added.bars_target),
-        ("x-bars-ods-code", &added.ods_code),
+        (X_CLIENT_CERT_SUBJECT, &added.cert_subject),
+        (X_CLIENT_CERT_SHA256, &added.cert_sha256),
+        (X_BARS_TARGET, &added.bars_target),
+        (X_BARS_ODS_CODE, &added.ods_code),
     ];
     for (name, value) in optional {
         if let Some(v) = value {

@@ -12,9 +12,13 @@
 //! what is wrong instead of relaying serde's messages (which can quote the offending value).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::hash_map::DefaultHasher;
 use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::marker::PhantomData;
 use std::str::FromStr;
+use std::thread::LocalKey;
 
 use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
 use base64::Engine as _;
@@ -174,18 +178,18 @@ pub fn decode_identity_headers(
     required: IdentityRequirements,
 ) -> Result<IdentityHeaders, Refusal> {
     let target = single_value(headers, &TARGET, required.target)?
-        .map(decode_target)
+        .map(|v| memoised(&TARGET_MEMO, v, decode_target))
         .transpose()?;
     let organisation = single_value(headers, &ORGANISATION, required.organisation)?
-        .map(decode_organisation)
+        .map(|v| memoised(&ORGANISATION_MEMO, v, decode_organisation))
         .transpose()?;
     let software = single_value(headers, &SOFTWARE, required.software)?
-        .map(decode_software)
+        .map(|v| memoised(&SOFTWARE_MEMO, v, decode_software))
         .transpose()?;
     let practitioner = single_value(headers, &PRACTITIONER, false)?;
     let practitioner_present = match practitioner {
         Some(value) => {
-            decode_practitioner(value)?;
+            memoised(&PRACTITIONER_MEMO, value, decode_practitioner)?;
             true
         }
         None => false,
@@ -196,6 +200,63 @@ pub fn decode_identity_headers(
         software,
         practitioner_present,
     })
+}
+
+/// Slots of each per-thread memo of valid identity header values (direct-mapped by hash).
+const MEMO_SLOTS: usize = 64;
+/// Longest value memoised: the spec's examples are under 400 bytes. Bounds a thread's memos to
+/// 4 × 64 × 1 KiB whatever senders send.
+const MEMO_MAX_LEN: usize = 1024;
+
+/// Valid values seen on this thread, per header, with what they decoded to. A sender repeats its
+/// identity headers verbatim (one clinician's booking is several requests, the sending system's
+/// `NHSD-Requesting-Software` never changes), so a hit is a hash and a byte comparison instead of
+/// Base64 + JSON + shape rules (about 5 µs for the four; BENCHMARKS.md). Only values that decoded
+/// cleanly are kept, and a hit needs the very same bytes, so the answer is always what decoding
+/// would give.
+struct Memo<T> {
+    slots: Vec<Option<(Box<[u8]>, T)>>,
+}
+
+impl<T> Memo<T> {
+    fn new() -> Self {
+        Memo {
+            slots: std::iter::repeat_with(|| None).take(MEMO_SLOTS).collect(),
+        }
+    }
+}
+
+type MemoKey<T> = LocalKey<RefCell<Memo<T>>>;
+
+thread_local! {
+    static TARGET_MEMO: RefCell<Memo<TargetIdentifier>> = RefCell::new(Memo::new());
+    static ORGANISATION_MEMO: RefCell<Memo<EndUserOrganisation>> = RefCell::new(Memo::new());
+    static SOFTWARE_MEMO: RefCell<Memo<RequestingSoftware>> = RefCell::new(Memo::new());
+    static PRACTITIONER_MEMO: RefCell<Memo<()>> = RefCell::new(Memo::new());
+}
+
+/// `decode(value)`, answered from this thread's memo when the same bytes decoded cleanly before.
+fn memoised<T: Clone>(
+    memo: &'static MemoKey<T>,
+    value: &HeaderValue,
+    decode: fn(&HeaderValue) -> Result<T, Refusal>,
+) -> Result<T, Refusal> {
+    let bytes = value.as_bytes();
+    if bytes.len() > MEMO_MAX_LEN {
+        return decode(value);
+    }
+    let slot = (BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes) % MEMO_SLOTS as u64)
+        as usize;
+    let hit = memo.with_borrow(|m| match &m.slots[slot] {
+        Some((raw, decoded)) if **raw == *bytes => Some(decoded.clone()),
+        _ => None,
+    });
+    if let Some(decoded) = hit {
+        return Ok(decoded);
+    }
+    let decoded = decode(value)?;
+    memo.with_borrow_mut(|m| m.slots[slot] = Some((bytes.into(), decoded.clone())));
+    Ok(decoded)
 }
 
 /// The header's only value; absent is `MissingHeader` when required. A header sent twice is refused:
@@ -796,6 +857,70 @@ mod tests {
 
     fn encoded(json: &str) -> String {
         STANDARD.encode(json)
+    }
+
+    #[test]
+    fn memoised_decoding_answers_exactly_as_decoding_does() {
+        // Alternating values with the same memo slot count: every answer must be the value's own.
+        let targets: Vec<String> = (0..(3 * MEMO_SLOTS))
+            .map(|n| {
+                encoded(&format!(
+                    r#"{{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":"{n}"}}"#
+                ))
+            })
+            .collect();
+        for round in 0..3 {
+            for (n, value) in targets.iter().enumerate() {
+                let decoded =
+                    decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, value.as_bytes()), ALL)
+                        .unwrap_or_else(|e| panic!("round {round}, {n}: {e}"));
+                assert_eq!(
+                    decoded.target.unwrap().value,
+                    n.to_string(),
+                    "round {round}"
+                );
+            }
+        }
+        let first = decode_identity_headers(&valid_headers(), ALL).unwrap();
+        let again = decode_identity_headers(&valid_headers(), ALL).unwrap();
+        assert_eq!(first, again);
+    }
+
+    #[test]
+    fn a_refused_value_is_refused_every_time_even_next_to_a_memoised_one() {
+        let good = encoded(r#"{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":"1"}"#);
+        let bad = encoded(r#"{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":""}"#);
+        for _ in 0..3 {
+            decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, good.as_bytes()), ALL).unwrap();
+            assert_malformed(
+                decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, bad.as_bytes()), ALL),
+                NHSD_TARGET_IDENTIFIER,
+                "value",
+            );
+        }
+        // One byte changed after the valid value was memoised: decoded afresh, and refused.
+        let mut tampered = good.into_bytes();
+        tampered[3] = b'*';
+        assert_malformed(
+            decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, &tampered), ALL),
+            NHSD_TARGET_IDENTIFIER,
+            "Base64",
+        );
+    }
+
+    #[test]
+    fn values_over_the_memo_bound_are_still_decoded() {
+        let long = "x".repeat(MEMO_MAX_LEN);
+        let value = encoded(&format!(
+            r#"{{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":"{long}"}}"#
+        ));
+        assert!(value.len() > MEMO_MAX_LEN);
+        for _ in 0..2 {
+            let decoded =
+                decode_identity_headers(&with(NHSD_TARGET_IDENTIFIER, value.as_bytes()), ALL)
+                    .unwrap();
+            assert_eq!(decoded.target.unwrap().value, long);
+        }
     }
 
     fn with_json(header: &'static str, json: &str) -> HeaderMap {
