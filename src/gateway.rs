@@ -134,6 +134,7 @@ pub async fn serve_connection(
 
     // 2. TLS-MA handshake with the current configuration; the verifier logs certificate refusals.
     let acceptor = TlsAcceptor::from(live.tls.server_config.clone());
+    let client_verifier = live.tls.client_verifier.clone();
     drop(live);
     let tls_stream = match tokio::time::timeout(
         shared.listen.header_read_timeout,
@@ -171,7 +172,18 @@ pub async fn serve_connection(
         }
     };
 
-    // 3. The verified client identity, passed to the legacy receiver with every request.
+    // 3. A resumed session's client certificate checked again (it may have expired since), then
+    // the verified client identity, passed to the legacy receiver with every request.
+    if tls::recheck_resumed(tls_stream.get_ref().1, &client_verifier).is_err() {
+        shared
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "bad_certificate",
+            })
+            .inc();
+        return;
+    }
     let Some(identity) = tls::client_identity(tls_stream.get_ref().1) else {
         shared.metrics.reject("no_client_certificate");
         return;

@@ -9,8 +9,6 @@ use std::time::Duration;
 use bars_gateway::reload::ReloadCounts;
 use common::*;
 use http::StatusCode;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Waits (up to 20 s) until the reload counts satisfy `done`.
@@ -72,6 +70,38 @@ async fn a_garbage_certificate_keeps_the_old_one_in_service() {
         metrics.contains("bars_gateway_reloads_total{result=\"failure\"} 2"),
         "{metrics}"
     );
+}
+
+/// A full disk leaves a file empty or cut short where it was being rewritten in place.
+#[tokio::test]
+async fn tls_files_cut_short_by_a_full_disk_keep_the_old_material_in_service() {
+    let rig = Rig::start().await;
+    let config = rig.pki.client_config(Some(ClientCert::Proxy));
+    let before = served_certificate(rig.gateway.addr, config.clone()).await;
+    for (file, key) in [
+        ("server-chain.pem", "tls.certificate"),
+        ("server.key", "tls.private_key"),
+    ] {
+        let path = rig.pki.path(file);
+        let whole = std::fs::read(&path).unwrap();
+        for cut in [0, whole.len() / 2] {
+            std::fs::write(&path, &whole[..cut]).unwrap();
+            let err = rig.gateway.reloader.reload().await.unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains(file),
+                "{file} cut at {cut}: {err}"
+            );
+            assert_eq!(
+                served_certificate(rig.gateway.addr, config.clone()).await,
+                before
+            );
+            assert_eq!(rig.send(metadata()).await.status, 200);
+        }
+        std::fs::write(&path, &whole).unwrap();
+    }
+    // Once the files are whole again, a reload succeeds.
+    rig.gateway.reloader.reload().await.unwrap();
+    assert_eq!(served_certificate(rig.gateway.addr, config).await, before);
 }
 
 #[tokio::test]
@@ -245,70 +275,4 @@ async fn twenty_reloads_during_two_hundred_requests_lose_none() {
     assert_eq!(counts.succeeded, 20);
     assert_eq!(ok, 200);
     assert_eq!(rig.upstream.count(), 200);
-}
-
-/// A plain HTTP GET to the admin listener, returning the body.
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", "admin")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
-}
-
-// --- The real binary: SIGHUP and SIGTERM ------------------------------------------------------
-
-#[tokio::test]
-async fn sighup_reloads_the_running_binary() {
-    let pki = TestPki::new();
-    let upstream = TestUpstream::start().await;
-    let (mut child, port, lines) = spawn_gateway(&pki, &upstream.url());
-    wait_for_line(&lines, "bars-gateway listening");
-    signal(&child, "-HUP");
-    wait_for_line(&lines, "SIGHUP");
-    wait_for_line(&lines, "reloaded");
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let reply = send(addr, pki.client_config(Some(ClientCert::Proxy)), metadata())
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200);
-    signal(&child, "-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-}
-
-#[tokio::test]
-async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
-    let pki = TestPki::new();
-    let upstream = TestUpstream::start().await;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    upstream.set_reply(Reply::Gated(gate.clone(), StatusCode::OK));
-    let (mut child, port, lines) = spawn_gateway(&pki, &upstream.url());
-    wait_for_line(&lines, "bars-gateway listening");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = pki.client_config(Some(ClientCert::Proxy));
-    let in_flight = tokio::spawn(async move { send(addr, config, process_message()).await });
-    upstream.wait_for_count(1).await;
-    signal(&child, "-TERM");
-    wait_for_line(&lines, "draining");
-    // No new connections are accepted while draining...
-    let refused = TcpStream::connect(addr).await;
-    assert!(refused.is_err(), "the listener is closed while draining");
-    // ...and the request in flight completes.
-    gate.add_permits(1);
-    let reply = in_flight.await.unwrap().unwrap();
-    assert_eq!(reply.status, 200);
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
 }

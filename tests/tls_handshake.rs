@@ -238,3 +238,85 @@ async fn h2_is_negotiated_by_alpn_and_forwarded() {
     assert_eq!(body, Bytes::from_static(br#"{"resourceType":"Bundle"}"#));
     assert_eq!(rig.upstream.only().uri.path(), "/metadata");
 }
+
+/// Connects (resuming a session when `config` holds one), sends one request, and reports how
+/// the handshake went and what came back.
+async fn send_noting_resumption(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> (Option<rustls::HandshakeKind>, Result<u16, String>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = match tokio_rustls::TlsConnector::from(config)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+    {
+        Ok(tls) => tls,
+        Err(e) => return (None, Err(format!("handshake: {e}"))),
+    };
+    let kind = tls.get_ref().1.handshake_kind();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let status = sender
+        .send_request(metadata())
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string());
+    (kind, status)
+}
+
+/// rustls resumes a session without looking at the client certificate again: without the
+/// gateway's re-check, a client could go on resuming after its certificate expired.
+#[tokio::test]
+async fn a_resumed_session_is_refused_once_the_client_certificate_has_expired() {
+    use rustls::HandshakeKind::{Full as FullHandshake, Resumed};
+    let rig = Rig::start().await;
+    let not_after = rig.pki.issue_short_lived_client(Duration::from_secs(3));
+    let clients: Vec<_> = [&rustls::version::TLS13, &rustls::version::TLS12]
+        .into_iter()
+        .map(|version| {
+            rig.pki.client_config_with(
+                Some(ClientCert::ShortLived),
+                &[version],
+                vec![b"http/1.1".to_vec()],
+            )
+        })
+        .collect();
+    for client in &clients {
+        let first = send_noting_resumption(rig.gateway.addr, client.clone()).await;
+        assert_eq!(first, (Some(FullHandshake), Ok(200)));
+        let resumed = send_noting_resumption(rig.gateway.addr, client.clone()).await;
+        assert_eq!(
+            resumed,
+            (Some(Resumed), Ok(200)),
+            "resumption works while valid"
+        );
+    }
+    // Nothing signals an expiry: wait for the wall clock to pass notAfter (second resolution).
+    while std::time::SystemTime::now() < not_after + Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for client in &clients {
+        let (kind, status) = send_noting_resumption(rig.gateway.addr, client.clone()).await;
+        assert_eq!(kind, Some(Resumed));
+        assert!(status.is_err(), "served after expiry: {status:?}");
+    }
+    // A full handshake with the expired certificate is refused by the verifier, as before.
+    let fresh = rig.pki.client_config(Some(ClientCert::ShortLived));
+    let (_, status) = send_noting_resumption(rig.gateway.addr, fresh).await;
+    assert!(status.is_err(), "{status:?}");
+    assert_eq!(
+        rig.upstream.count(),
+        4,
+        "only the requests made while valid arrive"
+    );
+    let metrics = admin_get(rig.gateway.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("bars_gateway_tls_handshake_failures_total{reason=\"bad_certificate\"} 3"),
+        "{metrics}"
+    );
+}

@@ -37,6 +37,8 @@ pub struct LoadedTls {
     pub client_cas: Vec<(PathBuf, CertSummary)>,
     /// The CRLs, with their files.
     pub crls: Vec<(PathBuf, CrlSummary)>,
+    /// The client certificate verifier `server_config` uses, to re-check resumed sessions.
+    pub client_verifier: Arc<PolicyVerifier>,
 }
 
 impl LoadedTls {
@@ -156,7 +158,7 @@ fn build(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .map_err(|e| chain_err(format!("unsupported TLS versions: {e}")))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(identity.chain, identity.key)
         .map_err(|e| match e {
             // rustls parses the leaf here too: a certificate it cannot use is the certificate's fault.
@@ -185,6 +187,7 @@ fn build(
         server_chain,
         client_cas: ca_summaries,
         crls: crl_summaries,
+        client_verifier: verifier,
     })
 }
 
@@ -195,6 +198,32 @@ pub struct ClientIdentity {
     pub subject: String,
     /// SHA-256 of the leaf, lower-case hex.
     pub sha256_hex: String,
+}
+
+/// Re-checks the client certificate of a *resumed* session; full handshakes were checked by the
+/// verifier already. rustls resumes a session (TLS 1.2 session id, TLS 1.3 ticket) without
+/// looking at the client certificate again and with no age limit, so a client that connected
+/// before its certificate expired could go on resuming after the expiry (found by
+/// scripts/tls-scan.sh). A reload starts a new session cache, so only time can change the
+/// verdict; the whole verifier runs anyway (chain, validity dates, CRLs, identity policy), and
+/// logs its refusal as for a full handshake.
+pub fn recheck_resumed(
+    conn: &ServerConnection,
+    verifier: &PolicyVerifier,
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let chain = conn
+        .peer_certificates()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    use rustls::server::danger::ClientCertVerifier as _;
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .map(|_| ())
 }
 
 /// Reads the client identity off a completed handshake. `None` only if the peer sent no

@@ -45,6 +45,8 @@ pub enum ClientCert {
     Rogue,
     /// The proxy's CN, issued by an impostor CA with exactly the trusted sub-CA's name.
     Impostor,
+    /// The proxy's CN, valid for a few seconds: made by [`TestPki::issue_short_lived_client`].
+    ShortLived,
 }
 
 impl ClientCert {
@@ -56,6 +58,7 @@ impl ClientCert {
             ClientCert::Revoked => "client-revoked",
             ClientCert::Rogue => "client-rogue",
             ClientCert::Impostor => "client-impostor",
+            ClientCert::ShortLived => "client-short-lived",
         }
     }
 }
@@ -192,6 +195,26 @@ impl TestPki {
             sub,
             server_key,
         }
+    }
+
+    /// Issues [`ClientCert::ShortLived`]: the proxy's CN from the trusted sub-CA, valid from a
+    /// minute ago until `lifetime` from now. Returns its notAfter.
+    pub fn issue_short_lived_client(&self, lifetime: Duration) -> std::time::SystemTime {
+        let now = time::OffsetDateTime::now_utc();
+        let not_after = now + lifetime;
+        let mut params = client_params(PROXY_CN, Some(0x1007));
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = not_after;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.sub).unwrap();
+        let stem = ClientCert::ShortLived.file_stem();
+        write(self.dir.path(), &format!("{stem}.pem"), &cert.pem());
+        write(
+            self.dir.path(),
+            &format!("{stem}.key"),
+            &key.serialize_pem(),
+        );
+        not_after.into()
     }
 
     /// Replaces a file the way operators should: write beside it, then rename into place.
@@ -683,6 +706,72 @@ pub async fn send_on(
         headers: parts.headers,
         body,
     })
+}
+
+/// A plain HTTP GET to the admin listener, returning the body.
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", "admin")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+// --- The real binary: SIGHUP and SIGTERM ------------------------------------------------------
+
+#[tokio::test]
+async fn sighup_reloads_the_running_binary() {
+    let pki = TestPki::new();
+    let upstream = TestUpstream::start().await;
+    let (mut child, port, lines) = spawn_gateway(&pki, &upstream.url());
+    wait_for_line(&lines, "bars-gateway listening");
+    signal(&child, "-HUP");
+    wait_for_line(&lines, "SIGHUP");
+    wait_for_line(&lines, "reloaded");
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let reply = send(addr, pki.client_config(Some(ClientCert::Proxy)), metadata())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let pki = TestPki::new();
+    let upstream = TestUpstream::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    upstream.set_reply(Reply::Gated(gate.clone(), StatusCode::OK));
+    let (mut child, port, lines) = spawn_gateway(&pki, &upstream.url());
+    wait_for_line(&lines, "bars-gateway listening");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = pki.client_config(Some(ClientCert::Proxy));
+    let in_flight = tokio::spawn(async move { send(addr, config, process_message()).await });
+    upstream.wait_for_count(1).await;
+    signal(&child, "-TERM");
+    wait_for_line(&lines, "draining");
+    // No new connections are accepted while draining...
+    let refused = TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "the listener is closed while draining");
+    // ...and the request in flight completes.
+    gate.add_permits(1);
+    let reply = in_flight.await.unwrap().unwrap();
+    assert_eq!(reply.status, 200);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
 
 // ---------------------------------------------------------------------------------------------
