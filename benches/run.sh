@@ -15,7 +15,8 @@
 #   $BIN_DIR/hot_paths)
 #   GATEWAY_VARIANTS="name:VAR=value[,VAR=value] ..." extra gateways in the rounds, same binary
 #   and config, other environment, e.g. "1worker:TOKIO_WORKER_THREADS=1
-#   mimalloc:LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2" (Debian libmimalloc2.0)
+#   mimalloc:LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2" (Debian libmimalloc2.0);
+#   GATEWAY_BIN=path among the VARs runs another build instead (e.g. `--features mimalloc`)
 #   AUDIT=0 (1: audit records on, written to /dev/null) PROFILE=0 (1: perf record the gateway
 #   during one extra run of each mode; needs `perf`) OUT=target/bench-results/<time>
 set -euo pipefail
@@ -293,8 +294,13 @@ for variant in $GATEWAY_VARIANTS; do
     i=$((i + 1))
     sed -e "s/^address = \"127.0.0.1:$GW_PORT\"/address = \"127.0.0.1:$port\"/" \
         -e "s/^address = \"127.0.0.1:$ADMIN_PORT\"/address = \"\"/" "$WORK/gateway.toml" >"$WORK/gateway-$name.toml"
+    # GATEWAY_BIN=path in a variant runs another build of the gateway (e.g. other features).
+    exe=$GATEWAY
+    for kv in ${envs//,/ }; do
+        case $kv in GATEWAY_BIN=*) exe=${kv#GATEWAY_BIN=} ;; esac
+    done
     # shellcheck disable=SC2086 # VAR=value words for env
-    env ${envs//,/ } "$GATEWAY" run --config "$WORK/gateway-$name.toml" >"$OUT/gateway-$name.log" 2>&1 &
+    env ${envs//,/ } "$exe" run --config "$WORK/gateway-$name.toml" >"$OUT/gateway-$name.log" 2>&1 &
     STARTED_PIDS+=("$!")
     VARIANT_SERVERS+=("gateway-$name $port $!")
     wait_port "$port" "gateway-$name"
@@ -359,9 +365,11 @@ loadgen() { # label port pids mode conc [extra args]
 SERVERS=("gateway $GW_PORT $GW_PIDS" "nginx-1w $NGX1_PORT $NGX1_PIDS" "nginx-auto $NGXA_PORT $NGXA_PIDS")
 
 # ---------------------------------------------------------------------------------------------
-# 6. RSS at N idle TLS connections (one request each, then idle), servers one at a time.
+# 6. RSS at N idle TLS connections (one request each, then idle), servers one at a time. The
+#    variants too: every gateway then enters the rounds with the same history (opening and
+#    closing 10,000 connections leaves an allocator's heap fragmented).
 if [ "${SKIP_HOLD:-0}" != 1 ]; then
-    for s in "${SERVERS[@]}"; do
+    for s in "${SERVERS[@]}" "${VARIANT_SERVERS[@]}"; do
         set -- $s
         log "hold: $HOLD_CONNS idle TLS connections to $1"
         loadgen "$1" "$2" "$3" hold 64 --connections "$HOLD_CONNS" --duration 90 --hold 3 \
@@ -425,7 +433,7 @@ cleanup_servers() {
 cleanup_servers
 if [ "${SKIP_DEDUP:-0}" != 1 ]; then
     log "dedup memory store: 1,000,000 entries"
-    for variant in "store" "store --reference" "moka-ttl" "hashmap-fifo"; do
+    for variant in "store" "store --reference" "hashmap-fifo"; do
         # shellcheck disable=SC2086 # the variant carries its own flags
         "$DEDUP_MEMORY" 1000000 --variant $variant | tee -a "$RESULTS" >&2
     done

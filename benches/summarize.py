@@ -144,6 +144,7 @@ def main():
         for b in buckets:
             print(f"| {b.replace('_', ' ')} | " + " | ".join(f"{cell.get((m, b), 0.0):.1f}" for m in modes) + " |")
 
+    HOLD_CONNS_LABEL = "idle TLS connections"
     print("\n### Memory (VmRSS; nginx = master + workers)\n")
     print("| | bars-gateway | nginx 1 worker | nginx auto (2) |")
     print("|---|---:|---:|---:|")
@@ -164,6 +165,9 @@ def main():
     for v in variants:
         if v in idle:
             print(f"| idle, after start: {v} | {mb(idle[v])} | | |")
+        if v in hold:
+            print(f"| {HOLD_CONNS_LABEL} held: {v} | {mb(num(hold[v].get('rss_held_kb')))} "
+                  f"({num(hold[v].get('kb_per_conn')):.1f} kB/conn, {hold[v].get('alive')} alive) | | |")
     g_idle = idle.get("gateway", 0) / 1024
     print(f"\nIdle RSS goal (<= 13 MB): bars-gateway {g_idle:.1f} MB: {'met' if g_idle <= 13 else 'NOT met'}.")
 
@@ -172,8 +176,8 @@ def main():
         print("\n### Dedup memory store, 1M unique ids claimed then completed (RSS growth of the process)\n")
         print("| store | Location reference stored | entries held | RSS growth | bytes/entry | claim+complete ops/s | goal < 300 MB |")
         print("|---|---|---:|---:|---:|---:|---|")
-        names = {"store": "MemoryStore (moka, per-entry expiry)", "moka-ttl": "yardstick: moka, one TTL",
-                 "hashmap-fifo": "yardstick: HashMap + FIFO"}
+        names = {"store": "MemoryStore (sharded map, FIFO eviction)",
+                 "hashmap-fifo": "yardstick: one HashMap + FIFO queue, no expiry"}
         for r in dm:
             g = num(r["growth_mb"])
             v = r.get("variant", "store")
