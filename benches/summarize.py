@@ -103,7 +103,7 @@ def main():
 
     variants = sorted({r["label"] for r in rows if r["kind"] == "RESULT" and r.get("label", "").startswith("gateway-")})
     if variants:
-        print("\n### Gateway variants, same run (medians; same binary and config, other environment)\n")
+        print("\n### Gateway variants, same run (medians; same config, another build or environment)\n")
         print("| test | server | req/s | p99 ms | server CPU µs/req | req/s vs gateway | CPU vs gateway | req/s vs nginx-1w |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for mode in GOALS:
