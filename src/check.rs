@@ -62,6 +62,18 @@ pub fn check(path: &Path) -> CheckReport {
                 let role = if i == 0 { "server" } else { "intermediate" };
                 describe_cert(&mut report, role, cert, now);
             }
+            if let [leaf] = loaded.server_chain.as_slice() {
+                if leaf.subject != leaf.issuer {
+                    report.warnings.push(format!(
+                        "{}: the server certificate is served alone, without the CA that issued it \
+                         ({}); a client that trusts only the root cannot verify it. Append the \
+                         intermediate to the PEM, or build the .pfx with `openssl pkcs12 -export \
+                         ... -certfile <intermediate>.pem`",
+                        identity_source(&settings),
+                        leaf.issuer
+                    ));
+                }
+            }
             let _ = writeln!(report.text, "  private key: matches the server certificate");
             let _ = writeln!(report.text, "\ntrusted client CAs:");
             for (file, cert) in &loaded.client_cas {

@@ -280,7 +280,34 @@ fn check_reports_certificates_and_exits_0_for_a_good_config() {
         "{out}"
     );
     assert!(out.contains("revoked: 1"), "{out}");
+    assert!(!out.contains("WARNING"), "{out}");
     assert!(out.contains("result: OK"), "{out}");
+}
+
+/// The NHS guide's `.pfx` recipe without `-certfile`, or a PEM with the leaf only: the gateway
+/// starts (a client holding the sub-CA still verifies it), but `check` says what is missing.
+#[test]
+fn check_warns_when_the_server_certificate_is_served_without_its_intermediate() {
+    let pki = TestPki::new();
+    let chain = std::fs::read_to_string(pki.path("server-chain.pem")).unwrap();
+    let end = "-----END CERTIFICATE-----\n";
+    let leaf = &chain[..chain.find(end).unwrap() + end.len()];
+    std::fs::write(pki.path("leaf-only.pem"), leaf).unwrap();
+    let toml = pki.config_toml("http://127.0.0.1:8080").replace(
+        "certificate = \"server-chain.pem\"",
+        "certificate = \"leaf-only.pem\"",
+    );
+    std::fs::write(pki.path("config.toml"), toml).unwrap();
+    let config = pki.path("config.toml");
+    let (code, out, _) = run_cli(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "a missing intermediate is a warning: {out}");
+    assert!(
+        out.contains("WARNING: tls.certificate")
+            && out.contains("leaf-only.pem")
+            && out.contains("served alone, without the CA that issued it")
+            && out.contains("Test NHS Level 1C"),
+        "{out}"
+    );
 }
 
 #[test]
