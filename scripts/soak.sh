@@ -98,23 +98,9 @@ done
 #    The server CSR and extensions are kept to re-issue the certificate during the run.
 log "PKI: openssl, RSA-2048"
 P=$WORK/pki
-mkdir -p "$P"
-(
-    cd "$P"
-    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 30 -keyout ca.key -out ca.pem \
-        -subj "/O=nhs/OU=CA/CN=Soak NHS Root" \
-        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
-    leaf() { # name subject extensions
-        openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$1.key" -out "$1.csr" -subj "$2"
-        printf '%b' "$3" >"$1.ext"
-        openssl x509 -req -sha256 -days 30 -in "$1.csr" -CA ca.pem -CAkey ca.key -set_serial 1$RANDOM \
-            -extfile "$1.ext" -out "$1.pem"
-    }
-    leaf server "/CN=localhost" \
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
-    leaf client "/O=nhs/OU=Devices/CN=$CN" \
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
-) >"$OUT/pki.log" 2>&1
+# shellcheck source=scripts/lib/pki.sh
+. "$ROOT/scripts/lib/pki.sh"
+make_pki "$P" "Soak NHS Root" "$CN" >"$OUT/pki.log" 2>&1
 reissue_server_certificate() { # serial: write beside, then rename into place (what operators do)
     openssl x509 -req -sha256 -days 30 -in "$P/server.csr" -CA "$P/ca.pem" -CAkey "$P/ca.key" \
         -set_serial "$1" -extfile "$P/server.ext" -out "$P/.server.pem.new" 2>>"$OUT/pki.log"

@@ -62,23 +62,9 @@ trap 'log "stopped: a command failed at line $LINENO (exit $?)"' ERR
 # 1. PKI: one CA, RSA-2048 server and client (the BaRS proxy's CN) certificates.
 P=$WORK/pki
 CN=bars-proxy.spineservices.nhs.uk
-mkdir -p "$P"
-(
-    cd "$P"
-    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 30 -keyout ca.key -out ca.pem \
-        -subj "/O=nhs/OU=CA/CN=Scan NHS Root" \
-        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
-    leaf() { # name subject extensions
-        openssl req -newkey rsa:2048 -nodes -sha256 -keyout "$1.key" -out "$1.csr" -subj "$2"
-        printf '%b' "$3" >"$1.ext"
-        openssl x509 -req -sha256 -days 30 -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
-            -extfile "$1.ext" -out "$1.pem"
-    }
-    leaf server "/CN=localhost" \
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
-    leaf client "/O=nhs/OU=Devices/CN=$CN" \
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
-) >"$OUT/pki.log" 2>&1 || { cat "$OUT/pki.log" >&2; exit 2; }
+# shellcheck source=scripts/lib/pki.sh
+. "$ROOT/scripts/lib/pki.sh"
+make_pki "$P" "Scan NHS Root" "$CN" >"$OUT/pki.log" 2>&1 || { cat "$OUT/pki.log" >&2; exit 2; }
 
 # 2. The gateway: port 0, no admin listener, an upstream nothing listens on (port 9, discard).
 cat >"$WORK/gateway.toml" <<EOF
