@@ -620,7 +620,7 @@ async fn http_0_9_and_unknown_versions_are_refused() {
 }
 
 #[tokio::test]
-async fn connect_and_trace_are_refused_even_under_an_extra_prefix() {
+async fn connect_trace_and_extension_methods_are_refused_even_under_an_extra_prefix() {
     let _serial = serial_guard().await;
     let rig = Rig::start_with(|s| s.bars.extra_prefixes = vec!["/Patient".into()]).await;
     assert_all_refused_by_the_gateway(&rig, 400, &["CONNECT evil.example:443 HTTP/1.1"]).await;
@@ -633,6 +633,8 @@ async fn connect_and_trace_are_refused_even_under_an_extra_prefix() {
             "TRACE /metadata HTTP/1.1",
             "TRACE /Patient/1 HTTP/1.1",
             "TRACK /Patient/1 HTTP/1.1",
+            "PROPFIND /Patient/1 HTTP/1.1",
+            "MOVE /Patient/1 HTTP/1.1",
         ],
     )
     .await;

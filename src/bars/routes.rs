@@ -197,9 +197,12 @@ impl RouteTable {
                 .is_some_and(|after| after.is_empty() || after.starts_with('/'))
         });
         if under_extra {
-            // CONNECT would ask a proxy-capable legacy server to open a tunnel, TRACE (and IIS's
-            // TRACK) to echo the request with the gateway's added headers: never any receiver's job.
-            if matches!(method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+            // Only the methods of a REST API pass. CONNECT would ask a proxy-capable legacy server
+            // to open a tunnel, TRACE (and IIS's TRACK) to echo the request with the gateway's
+            // added headers, WebDAV's PROPFIND/MOVE/... to act on files: never a receiver's job,
+            // and an extension method is exactly what a legacy server may handle in a way nobody
+            // reviewed.
+            if !EXTRA_METHODS.contains(method) {
                 return Err(Refusal::MethodNotAllowed {
                     allow: EXTRA_ALLOW.to_owned(),
                 });
@@ -211,7 +214,18 @@ impl RouteTable {
     }
 }
 
-/// The `Allow` value for a refused method under an extra prefix, where any other method passes.
+/// The methods forwarded under an extra prefix.
+const EXTRA_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// The `Allow` value for a refused method under an extra prefix: [`EXTRA_METHODS`].
 const EXTRA_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// The BaRS endpoint at `path` (after the base path), if any. Case-sensitive, as BaRS says; a
@@ -587,13 +601,22 @@ mod tests {
     }
 
     #[test]
-    fn connect_and_trace_are_refused_under_an_extra_prefix() {
+    fn only_rest_methods_pass_under_an_extra_prefix() {
         let table = RouteTable::new("", false, vec!["/Patient".into()]);
-        for method in ["CONNECT", "TRACE", "TRACK"] {
+        for method in [
+            "CONNECT", "TRACE", "TRACK", "PROPFIND", "MOVE", "MKCOL", "LOCK", "FOO",
+        ] {
             let method = Method::from_bytes(method.as_bytes()).unwrap();
             let refusal = resolve(&table, method.clone(), "/Patient/1").unwrap_err();
             assert_eq!(refusal.status(), 405, "{method}");
             assert_eq!(refusal.allow(), Some(EXTRA_ALLOW));
+        }
+        for method in &EXTRA_METHODS {
+            assert!(
+                resolve(&table, method.clone(), "/Patient/1").is_ok(),
+                "{method}"
+            );
+            assert!(EXTRA_ALLOW.contains(method.as_str()), "{method}");
         }
     }
 
