@@ -178,8 +178,14 @@ pub struct UpstreamSettings {
     pub url: Option<UpstreamUrl>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
-    /// Time allowed for the upstream's response headers (the BaRS 5 s limit by default).
+    /// The sender's whole wait, from the request head to the response head (the BaRS 5 s limit by
+    /// default): past it the sender gets 408 REC_TIMEOUT.
     pub request_timeout: Duration,
+    /// How long a deduplicated request's exchange with the legacy system goes on after the sender
+    /// was answered 408, so that its late answer is still recorded (DESIGN.md §5).
+    pub completion_timeout: Duration,
+    /// Largest response header section accepted from the legacy system.
+    pub max_response_header_bytes: usize,
     /// Largest request body forwarded.
     pub max_body: u64,
     /// Request headers never forwarded.
@@ -237,6 +243,8 @@ pub struct DedupSettings {
     pub methods: Vec<http::Method>,
     /// Store failure policy.
     pub on_store_error: OnStoreError,
+    /// Largest answer body kept to replay a deterministic 4xx (and to find a 2xx's reference).
+    pub max_replay_bytes: usize,
 }
 
 /// `[admin]`: the plain-HTTP health and metrics listener.
@@ -298,6 +306,7 @@ struct RawDedup {
     methods: Option<Vec<String>>,
     redis_url: Option<String>,
     on_store_error: Option<String>,
+    max_replay_bytes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -341,6 +350,8 @@ struct RawUpstream {
     url: Option<String>,
     connect_timeout: Option<String>,
     request_timeout: Option<String>,
+    completion_timeout: Option<String>,
+    max_response_header_bytes: Option<String>,
     max_body: Option<String>,
     strip_headers: Option<Vec<String>>,
     route: Option<Vec<RawRoute>>,
@@ -795,6 +806,30 @@ impl Validator {
         if max_body == 0 {
             return Err(self.err("upstream.max_body", "must be greater than zero"));
         }
+        let request_timeout =
+            self.duration("upstream.request_timeout", raw.request_timeout, "5s")?;
+        let completion_timeout =
+            self.duration("upstream.completion_timeout", raw.completion_timeout, "2m")?;
+        if completion_timeout < request_timeout {
+            return Err(self.err(
+                "upstream.completion_timeout",
+                format!(
+                    "must be at least upstream.request_timeout ({}): a late answer is waited for after the sender's deadline, not before",
+                    humantime::format_duration(request_timeout)
+                ),
+            ));
+        }
+        let max_response_header_bytes = self.size(
+            "upstream.max_response_header_bytes",
+            raw.max_response_header_bytes,
+            "64KiB",
+        )?;
+        if max_response_header_bytes < 1024 {
+            return Err(self.err(
+                "upstream.max_response_header_bytes",
+                "must be at least 1KiB",
+            ));
+        }
         Ok(UpstreamSettings {
             url,
             connect_timeout: self.duration(
@@ -802,11 +837,10 @@ impl Validator {
                 raw.connect_timeout,
                 "2s",
             )?,
-            request_timeout: self.duration(
-                "upstream.request_timeout",
-                raw.request_timeout,
-                "5s",
-            )?,
+            request_timeout,
+            completion_timeout,
+            max_response_header_bytes: usize::try_from(max_response_header_bytes)
+                .unwrap_or(usize::MAX),
             max_body,
             strip_headers,
             routes,
@@ -931,6 +965,12 @@ impl Validator {
             max_entries,
             methods,
             on_store_error,
+            max_replay_bytes: usize::try_from(self.size(
+                "dedup.max_replay_bytes",
+                raw.max_replay_bytes,
+                "64KiB",
+            )?)
+            .unwrap_or(usize::MAX),
         })
     }
 
@@ -1113,6 +1153,29 @@ url = "http://127.0.0.1:8080/legacy/fhir/"
         assert!(msg.contains("client.allowed_ips"), "{msg}");
         let msg = parse_err(&MINIMAL.replace("environment = \"prod\"", "environment = \"custom\""));
         assert!(msg.contains("client.allowed_ips: required"), "{msg}");
+    }
+
+    #[test]
+    fn completion_timeout_defaults_to_two_minutes_and_must_cover_the_request_timeout() {
+        let s = parse_ok(MINIMAL);
+        assert_eq!(s.upstream.completion_timeout, Duration::from_secs(120));
+        assert_eq!(s.upstream.max_response_header_bytes, 64 * 1024);
+        assert_eq!(s.dedup.max_replay_bytes, 64 * 1024);
+        let msg = parse_err(&MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nrequest_timeout = \"10s\"\ncompletion_timeout = \"5s\"",
+        ));
+        assert!(
+            msg.contains(
+                "upstream.completion_timeout: must be at least upstream.request_timeout (10s)"
+            ),
+            "{msg}"
+        );
+        let msg = parse_err(&MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nmax_response_header_bytes = \"lots\"",
+        ));
+        assert!(msg.contains("upstream.max_response_header_bytes"), "{msg}");
     }
 
     #[test]

@@ -27,14 +27,16 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
+use crate::audit::{AuditRecord, Peer};
 use crate::bars::routes::RouteTable;
 use crate::bars::{self, Refusal};
-use crate::config::{BarsSettings, DedupSettings, ListenSettings, OnStoreError};
-use crate::dedup::{self, Claim, DedupStore, Entry, Fingerprint, Replay};
+use crate::config::{BarsSettings, DedupSettings, ListenSettings};
+use crate::dedup::once::{Deliverer, Delivery};
+use crate::dedup::{DedupStore, Fingerprint};
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
-use crate::metrics::{Metrics, OutcomeLabel, StatusLabel};
+use crate::metrics::{Metrics, StatusLabel};
 use crate::tls::{self, LoadedTls};
-use crate::upstream::{BufferedBody, ForwardedHeaders, GatewayBody, Upstream, Upstreams};
+use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 
 /// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
 /// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
@@ -61,7 +63,9 @@ pub struct Shared {
     /// The approved paths.
     pub routes: RouteTable,
     /// The legacy receivers.
-    pub upstreams: Upstreams,
+    pub upstreams: Arc<Upstreams>,
+    /// Delivery of deduplicated requests: claim, forward once, record.
+    pub delivery: Arc<Deliverer>,
     /// BaRS rules.
     pub bars: BarsSettings,
     /// The retry dedup store.
@@ -106,8 +110,7 @@ impl Shared {
 
 /// One admitted, authenticated connection.
 struct Connection {
-    client: SocketAddr,
-    identity: tls::ClientIdentity,
+    peer: Arc<Peer>,
     forwarded_for: HeaderValue,
     cert_subject: Option<HeaderValue>,
     cert_sha256: Option<HeaderValue>,
@@ -189,12 +192,15 @@ pub async fn serve_connection(
         return;
     };
     let conn = Arc::new(Connection {
-        client: admitted.client,
         forwarded_for: header_value(&admitted.client.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown")),
         cert_subject: HeaderValue::from_bytes(identity.subject.as_bytes()).ok(),
         cert_sha256: header_value(&identity.sha256_hex),
-        identity,
+        peer: Arc::new(Peer {
+            client: admitted.client.ip(),
+            cert_subject: identity.subject,
+            cert_sha256: identity.sha256_hex,
+        }),
     });
 
     // 4. HTTP/1.1 or h2 (ALPN) until the client closes, the connection idles out, or we drain.
@@ -277,15 +283,17 @@ async fn handle_request(
     conn: &Connection,
     request: Request<Incoming>,
 ) -> Response<GatewayBody> {
-    let started = Instant::now();
+    // The sender's whole wait, from the request head to the response head (DESIGN.md §5).
+    let deadline = tokio::time::Instant::now() + shared.upstreams.request_timeout();
     let echo = EchoIds::from_headers(request.headers());
-    let mut audit = AuditRecord::new(conn, &request);
-    let mut response = match check_and_forward(shared, conn, request, &mut audit).await {
+    let mut audit = AuditRecord::new(&conn.peer, &request);
+    let mut response = match check_and_forward(shared, conn, request, &mut audit, deadline).await {
         Ok(response) => response,
         Err(refusal) => {
             shared.metrics.reject(refusal.reason());
-            audit.refusal = Some(refusal.clone());
-            refusal_response(&refusal)
+            let response = refusal_response(&refusal);
+            audit.refusal = Some(refusal);
+            response
         }
     };
     echo.apply(response.headers_mut());
@@ -297,8 +305,7 @@ async fn handle_request(
             status: status.as_u16(),
         })
         .inc();
-    audit.finish(shared.audit, status.as_u16(), started.elapsed());
-    response
+    audit.attach(shared.audit, response)
 }
 
 /// The request checks of DESIGN.md §1, in order; the first failure wins.
@@ -306,7 +313,8 @@ async fn check_and_forward(
     shared: &Arc<Shared>,
     conn: &Connection,
     request: Request<Incoming>,
-    audit: &mut AuditRecord<'_>,
+    audit: &mut AuditRecord,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<GatewayBody>, Refusal> {
     // Size: the header section within listen.max_header_bytes (431).
     check_header_section(&request, shared.listen.max_header_bytes)?;
@@ -345,257 +353,57 @@ async fn check_and_forward(
         cert_sha256: conn.cert_sha256.clone(),
         bars_target: audit.target.as_deref().and_then(header_value),
         ods_code: audit.ods_code.as_deref().and_then(header_value),
+        possible_duplicate: false,
+        request_id: Some(ids.request_id),
+        correlation_id: Some(ids.correlation_id),
     };
     let (parts, body) = request.into_parts();
 
     // Methods that are not deduplicated (reads) stream straight through (408 / 413 / 503).
     if !shared.dedup_settings.methods.contains(&parts.method) {
         let body = shared.upstreams.streaming_body(&parts.headers, body)?;
-        let (result, elapsed) =
-            timed_forward(shared, upstream, parts, body, &route.path_and_query, &added).await;
-        audit.upstream_duration = Some(elapsed);
+        let started = Instant::now();
+        let result = shared
+            .upstreams
+            .forward(
+                upstream,
+                parts,
+                body,
+                &route.path_and_query,
+                &added,
+                deadline,
+            )
+            .await;
+        audit.upstream_duration = Some(started.elapsed());
+        shared
+            .metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
         return result;
     }
 
     // Dedup: after access control, before processing (BaRS IG). The body is read (bounded by
-    // max_body, 413) because it is part of what makes a retry "the same message".
-    let body = shared.upstreams.buffered_body(&parts.headers, body).await?;
+    // max_body, 413, and the deadline, 408) because it is part of what makes a retry "the same
+    // message"; then claim, forward once, record (dedup::once).
+    let body = shared
+        .upstreams
+        .buffered_body(&parts.headers, body, deadline)
+        .await?;
     let fingerprint =
         Fingerprint::of_chunks(&parts.method, &parts.uri, &parts.headers, &body.chunks);
-    // Claim, forward and record run in their own task: a client that disconnects mid-request
-    // must leave its id recorded as what really happened upstream, never half-done.
-    let task = tokio::spawn(forward_once(
-        shared.clone(),
-        upstream.clone(),
-        ids.request_id,
+    let delivery = Delivery {
+        upstream: upstream.clone(),
+        ids,
         fingerprint,
         parts,
         body,
-        route.path_and_query,
+        path_and_query: route.path_and_query,
         added,
-    ));
-    let outcome = task.await.map_err(|e| {
-        tracing::error!(error = %e, "forwarding task failed");
-        Refusal::Internal
-    })?;
-    audit.dedup = Some(outcome.dedup);
-    audit.upstream_duration = outcome.upstream_duration;
-    outcome.response
-}
-
-/// Forwards and measures the time to the upstream's response headers.
-async fn timed_forward(
-    shared: &Shared,
-    upstream: &Upstream,
-    parts: http::request::Parts,
-    body: GatewayBody,
-    path_and_query: &str,
-    added: &ForwardedHeaders,
-) -> (Result<Response<GatewayBody>, Refusal>, Duration) {
-    let started = Instant::now();
-    let result = shared
-        .upstreams
-        .forward(upstream, parts, body, path_and_query, added)
-        .await;
-    let elapsed = started.elapsed();
-    shared
-        .metrics
-        .upstream_duration
-        .observe(elapsed.as_secs_f64());
-    (result, elapsed)
-}
-
-/// What the dedup step decided, for the response, the metrics and the audit record.
-struct ForwardOutcome {
-    response: Result<Response<GatewayBody>, Refusal>,
-    dedup: &'static str,
-    upstream_duration: Option<Duration>,
-}
-
-impl ForwardOutcome {
-    fn answered_here(
-        response: Result<Response<GatewayBody>, Refusal>,
-        dedup: &'static str,
-    ) -> Self {
-        ForwardOutcome {
-            response,
-            dedup,
-            upstream_duration: None,
-        }
-    }
-}
-
-/// The dedup step (DESIGN.md §5): claim the request id, then forward a first sight and record
-/// what the upstream answered, or answer a retry here without troubling the upstream.
-#[allow(clippy::too_many_arguments)]
-async fn forward_once(
-    shared: Arc<Shared>,
-    upstream: Arc<Upstream>,
-    id: bars::ids::RequestId,
-    fingerprint: Fingerprint,
-    parts: http::request::Parts,
-    body: BufferedBody,
-    path_and_query: String,
-    added: ForwardedHeaders,
-) -> ForwardOutcome {
-    let count = |outcome: &'static str| {
-        shared
-            .metrics
-            .dedup
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
-        outcome
     };
-    let record = match shared.dedup.claim(id, fingerprint).await {
-        Ok(Claim::First) => true,
-        Ok(Claim::Seen(Entry::InFlight { .. })) => {
-            return ForwardOutcome::answered_here(Err(Refusal::InFlight), count("in_flight"))
-        }
-        Ok(Claim::Seen(Entry::Done {
-            status,
-            reference,
-            replay,
-            ..
-        })) => {
-            if (200..300).contains(&status) {
-                let reference = reference.map(String::from);
-                return ForwardOutcome::answered_here(
-                    Err(Refusal::Duplicate { reference }),
-                    count("duplicate"),
-                );
-            }
-            return ForwardOutcome::answered_here(
-                Ok(replay_response(status, replay)),
-                count("replayed"),
-            );
-        }
-        Ok(Claim::Conflict) => {
-            return ForwardOutcome::answered_here(Err(Refusal::IdReused), count("id_reused"))
-        }
-        Err(e) => match shared.dedup_settings.on_store_error {
-            OnStoreError::Reject => {
-                tracing::warn!(request_id = %id, error = %e, "dedup store unavailable: refusing with 503 so the sender retries");
-                return ForwardOutcome::answered_here(
-                    Err(Refusal::StoreUnavailable),
-                    count("store_error"),
-                );
-            }
-            OnStoreError::Allow => {
-                tracing::error!(request_id = %id, error = %e, "dedup store unavailable: forwarding WITHOUT duplicate protection (dedup.on_store_error = allow)");
-                count("store_error");
-                false
-            }
-        },
-    };
-    let (result, elapsed) = timed_forward(
-        &shared,
-        &upstream,
-        parts,
-        body.into_body(),
-        &path_and_query,
-        &added,
-    )
-    .await;
-    let mut outcome = ForwardOutcome {
-        response: result,
-        dedup: if record { "first" } else { "unprotected" },
-        upstream_duration: Some(elapsed),
-    };
-    if !record {
-        return outcome;
-    }
-    count("first");
-    let deterministic =
-        matches!(&outcome.response, Ok(r) if dedup::is_deterministic(r.status().as_u16()));
-    if !deterministic {
-        // Transient (408, 429, 5xx, timeout, unreachable): forget, so the sender's retry goes through.
-        if let Err(e) = shared.dedup.release(id).await {
-            tracing::error!(request_id = %id, error = %e, "dedup store: could not release a failed request; its retries get 425 until the in-flight entry expires");
-        }
-        return outcome;
-    }
-    let Ok(response) = outcome.response else {
-        return outcome;
-    };
-    let (response, entry) = remember(response, fingerprint).await;
-    if let Err(e) = shared.dedup.complete(id, entry).await {
-        tracing::error!(request_id = %id, error = %e, "dedup store: could not record a processed request; a retry after the in-flight entry expires would be delivered again");
-    }
-    outcome.response = Ok(response);
-    outcome
-}
-
-/// Builds the store entry for a deterministic answer; for a 4xx with a small body, keeps the body
-/// to replay it (and hands back an equivalent response).
-async fn remember(
-    response: Response<GatewayBody>,
-    fingerprint: Fingerprint,
-) -> (Response<GatewayBody>, Entry) {
-    let status = response.status().as_u16();
-    let reference = response
-        .headers()
-        .get(http::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|l| l.rsplit('/').find(|s| !s.is_empty()).unwrap_or(l).into());
-    let mut replay = None;
-    let mut response = response;
-    let small = response
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|len| len <= dedup::MAX_REPLAY_BODY);
-    if (400..500).contains(&status) {
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let mut body = Vec::new();
-        if small {
-            let (parts, incoming) = response.into_parts();
-            let bytes = incoming
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            body = bytes.to_vec();
-            response = Response::from_parts(
-                parts,
-                Full::new(bytes)
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            );
-        }
-        replay = Some(Box::new(Replay { content_type, body }));
-    }
-    (
-        response,
-        Entry::Done {
-            fingerprint,
-            status,
-            reference,
-            replay,
-        },
-    )
-}
-
-/// The original deterministic 4xx answer, again.
-fn replay_response(status: u16, replay: Option<Box<Replay>>) -> Response<GatewayBody> {
-    let (content_type, body) = match replay {
-        Some(r) => (r.content_type, r.body),
-        None => (None, Vec::new()),
-    };
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() =
-        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
-    if let Some(ct) = content_type.as_deref().and_then(header_value) {
-        response.headers_mut().insert(CONTENT_TYPE, ct);
-    }
-    response
+    let delivered = shared.delivery.deliver(delivery, deadline).await;
+    audit.dedup = Some(delivered.dedup);
+    audit.upstream_duration = delivered.upstream_duration;
+    delivered.response
 }
 
 /// Refuses a request whose header section (request line and fields, as HTTP/1.1 would write
@@ -669,95 +477,5 @@ impl EchoIds {
                 }
             }
         }
-    }
-}
-
-/// One audit record per request (log target `audit`): who, what, outcome. Never bodies, never
-/// decoded data beyond the identifiers listed here.
-struct AuditRecord<'c> {
-    conn: &'c Connection,
-    method: http::Method,
-    uri: http::Uri,
-    endpoint: Option<&'static str>,
-    request_id: Option<bars::ids::RequestId>,
-    correlation_id: Option<bars::ids::CorrelationId>,
-    target: Option<String>,
-    ods_code: Option<String>,
-    software: Option<String>,
-    refusal: Option<Refusal>,
-    dedup: Option<&'static str>,
-    upstream_duration: Option<Duration>,
-}
-
-/// Displays an optional value, or `-` when absent (audit fields are always present).
-struct OrDash<'a, T>(&'a Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
-}
-
-impl<'c> AuditRecord<'c> {
-    /// Cheap: borrows the connection, clones only the method and URI (reference-counted); nothing
-    /// is formatted unless a log line is written.
-    fn new(conn: &'c Connection, request: &Request<Incoming>) -> AuditRecord<'c> {
-        AuditRecord {
-            conn,
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            endpoint: None,
-            request_id: None,
-            correlation_id: None,
-            target: None,
-            ods_code: None,
-            software: None,
-            refusal: None,
-            dedup: None,
-            upstream_duration: None,
-        }
-    }
-
-    fn finish(self, audit: bool, status: u16, total: Duration) {
-        let bars_code = self.refusal.as_ref().map(Refusal::bars_code);
-        let diagnostics = self.refusal.as_ref().map(|r| r.to_string());
-        if !audit {
-            if let Some(refusal) = &self.refusal {
-                tracing::info!(
-                    client = %self.conn.client.ip(),
-                    request_id = %OrDash(&self.request_id),
-                    correlation_id = %OrDash(&self.correlation_id),
-                    status,
-                    reason = refusal.reason(),
-                    diagnostics = diagnostics.as_deref().unwrap_or(""),
-                    "request refused"
-                );
-            }
-            return;
-        }
-        tracing::info!(
-            target: "audit",
-            client = %self.conn.client.ip(),
-            cert_subject = %self.conn.identity.subject,
-            cert_sha256 = %self.conn.identity.sha256_hex,
-            method = %self.method,
-            path = %self.uri.path(),
-            endpoint = self.endpoint.unwrap_or("-"),
-            request_id = %OrDash(&self.request_id),
-            correlation_id = %OrDash(&self.correlation_id),
-            bars_target = self.target.as_deref().unwrap_or("-"),
-            ods_code = self.ods_code.as_deref().unwrap_or("-"),
-            software = self.software.as_deref().unwrap_or("-"),
-            status,
-            bars_code = bars_code.unwrap_or("-"),
-            diagnostics = diagnostics.as_deref().unwrap_or(""),
-            dedup = self.dedup.unwrap_or("-"),
-            upstream_ms = self.upstream_duration.map(|d| d.as_millis() as u64),
-            total_ms = total.as_millis() as u64,
-            "request"
-        );
     }
 }

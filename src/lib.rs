@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod audit;
 pub mod bars;
 pub mod check;
 pub mod config;
@@ -91,7 +92,10 @@ impl Gateway {
         let metrics = Arc::new(metrics);
         let dedup = dedup::DedupStore::new(
             &settings.dedup,
-            settings.upstream.request_timeout,
+            dedup::in_flight_ttl(
+                settings.upstream.request_timeout,
+                settings.upstream.completion_timeout,
+            ),
             metrics.clone(),
         )
         .map_err(|e| StartError::Dedup(e.0))?;
@@ -118,6 +122,19 @@ impl Gateway {
             }
             None => None,
         };
+        let dedup = Arc::new(dedup);
+        let upstreams = Arc::new(upstream::Upstreams::new(
+            &settings.upstream,
+            Some(metrics.clone()),
+        ));
+        let delivery = Arc::new(dedup::once::Deliverer {
+            store: dedup.clone(),
+            upstreams: upstreams.clone(),
+            metrics: metrics.clone(),
+            on_store_error: settings.dedup.on_store_error,
+            max_replay_bytes: settings.dedup.max_replay_bytes,
+            completion_timeout: settings.upstream.completion_timeout,
+        });
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(LiveState {
                 tls: loaded,
@@ -128,9 +145,10 @@ impl Gateway {
                 settings.bars.bars_endpoints,
                 settings.bars.extra_prefixes.clone(),
             ),
-            upstreams: upstream::Upstreams::new(&settings.upstream),
+            upstreams,
+            delivery,
             bars: settings.bars.clone(),
-            dedup: Arc::new(dedup),
+            dedup,
             dedup_settings: settings.dedup.clone(),
             listen: settings.listen.clone(),
             metrics,

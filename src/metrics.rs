@@ -81,7 +81,27 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// 1 when `/readyz` would answer 200, else 0 (so alerts need no HTTP prober).
     pub ready: Gauge,
+    /// Exchanges with the legacy system that gave no usable answer, by kind.
+    pub upstream_failures: Family<KindLabel, Counter>,
 }
+
+/// `{kind}` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Low-cardinality kind.
+    pub kind: &'static str,
+}
+
+/// Every `kind` of `upstream_failures_total`, present from the first scrape.
+pub const UPSTREAM_FAILURE_KINDS: [&str; 7] = [
+    "connect",
+    "timeout",
+    "no_answer",
+    "bad_response",
+    "broken_body",
+    "body_too_large",
+    "internal",
+];
 
 impl Metrics {
     /// Creates the metrics and registers them in a new registry.
@@ -99,7 +119,11 @@ impl Metrics {
             reloads: Family::default(),
             connections_open: Gauge::default(),
             ready: Gauge::default(),
+            upstream_failures: Family::default(),
         };
+        for kind in UPSTREAM_FAILURE_KINDS {
+            drop(m.upstream_failures.get_or_create(&KindLabel { kind }));
+        }
         registry.register(
             "requests",
             "Responses sent, by HTTP status",
@@ -147,11 +171,23 @@ impl Metrics {
             m.ready.clone(),
         );
         registry.register(
+            "upstream_failures",
+            "Exchanges with the legacy receiver that gave no usable answer, by kind",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         (m, registry)
+    }
+
+    /// Counts an exchange with the legacy system that gave no usable answer.
+    pub fn upstream_failure(&self, kind: &'static str) {
+        self.upstream_failures
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// Counts a refusal of a connection or request.

@@ -19,8 +19,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::bars::identity::TargetIdentifier;
+use crate::bars::ids::{CorrelationId, RequestId};
 use crate::bars::Refusal;
 use crate::config::{UpstreamSettings, UpstreamUrl};
+use crate::metrics::Metrics;
 
 /// A boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -30,7 +32,7 @@ pub type GatewayBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErro
 
 /// Headers the gateway sets for the legacy receiver; any copy a client sends is removed first so
 /// they cannot be spoofed (DESIGN.md §4).
-pub const GATEWAY_OWNED_HEADERS: [HeaderName; 10] = [
+pub const GATEWAY_OWNED_HEADERS: [HeaderName; 11] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     HeaderName::from_static("x-forwarded-host"),
@@ -41,6 +43,7 @@ pub const GATEWAY_OWNED_HEADERS: [HeaderName; 10] = [
     X_CLIENT_CERT_SHA256,
     X_BARS_TARGET,
     X_BARS_ODS_CODE,
+    X_BARS_POSSIBLE_DUPLICATE,
 ];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -49,6 +52,10 @@ const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert
 const X_CLIENT_CERT_SHA256: HeaderName = HeaderName::from_static("x-client-cert-sha256");
 const X_BARS_TARGET: HeaderName = HeaderName::from_static("x-bars-target");
 const X_BARS_ODS_CODE: HeaderName = HeaderName::from_static("x-bars-ods-code");
+/// Set on a retry delivered after an uncertain outcome: an earlier attempt with the same
+/// X-Request-Id may have been processed (DESIGN.md §5), so the legacy system can deduplicate.
+pub const X_BARS_POSSIBLE_DUPLICATE: HeaderName =
+    HeaderName::from_static("x-bars-possible-duplicate");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and their old companions: never forwarded either way.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -124,6 +131,12 @@ pub struct ForwardedHeaders {
     pub bars_target: Option<HeaderValue>,
     /// `X-BaRS-Ods-Code`.
     pub ods_code: Option<HeaderValue>,
+    /// `X-BaRS-Possible-Duplicate: true`: an earlier attempt's outcome is unknown.
+    pub possible_duplicate: bool,
+    /// The request's ids, for log lines (not forwarded from here: they are the client's own).
+    pub request_id: Option<RequestId>,
+    /// See `request_id`.
+    pub correlation_id: Option<CorrelationId>,
 }
 
 /// One legacy receiver: its base URL and its own connection pool.
@@ -142,12 +155,18 @@ pub struct Upstreams {
     by_target: HashMap<String, Arc<Upstream>>,
     request_timeout: Duration,
     max_body: u64,
+    max_response_header_bytes: usize,
     strip_headers: Vec<HeaderName>,
+    /// Where upstream failures are counted (`None` in unit tests).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Upstreams {
     /// Builds a pooled client per upstream. Needs a Tokio runtime.
-    pub fn new(settings: &UpstreamSettings) -> Upstreams {
+    pub fn new(settings: &UpstreamSettings, metrics: Option<Arc<Metrics>>) -> Upstreams {
+        // hyper refuses a head beyond its read buffer; the exact limit is checked on the parsed
+        // head (`send`), the buffer only keeps a huge one from being read at all.
+        let max_buf = (settings.max_response_header_bytes + 16 * 1024).max(8192);
         let make = |url: &UpstreamUrl| {
             let mut connector = HttpConnector::new();
             connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -159,6 +178,7 @@ impl Upstreams {
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(256)
+                .http1_max_buf_size(max_buf)
                 .build(connector);
             Arc::new(Upstream {
                 url: url.clone(),
@@ -180,7 +200,9 @@ impl Upstreams {
                 .collect(),
             request_timeout: settings.request_timeout,
             max_body: settings.max_body,
+            max_response_header_bytes: settings.max_response_header_bytes,
             strip_headers: settings.strip_headers.clone(),
+            metrics,
         }
     }
 
@@ -219,6 +241,11 @@ impl Upstreams {
         self.max_body
     }
 
+    /// `upstream.request_timeout`: the sender's whole wait.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The request body, streamed, cut off at `max_body` (413 up front when Content-Length says so).
     pub fn streaming_body(
         &self,
@@ -232,11 +259,12 @@ impl Upstreams {
     }
 
     /// The whole request body, read into memory as the chunks it arrived in (no copy), but never
-    /// beyond `max_body` (413) nor for longer than `request_timeout` (408).
+    /// beyond `max_body` (413) nor past `deadline`, the end of the sender's `request_timeout` (408).
     pub async fn buffered_body(
         &self,
         headers: &HeaderMap,
         body: Incoming,
+        deadline: tokio::time::Instant,
     ) -> Result<BufferedBody, Refusal> {
         self.check_declared_length(headers)?;
         // hyper has no body read timeout, and the idle timeout does not run while a request is in
@@ -255,7 +283,7 @@ impl Upstreams {
             }
             Ok::<_, BoxError>(BufferedBody { chunks })
         };
-        let Ok(collected) = tokio::time::timeout(self.request_timeout, read).await else {
+        let Ok(collected) = tokio::time::timeout_at(deadline, read).await else {
             tracing::info!(timeout = ?self.request_timeout, "request body not received in time");
             return Err(Refusal::BodyTimeout);
         };
@@ -283,16 +311,20 @@ impl Upstreams {
         }
     }
 
-    /// Forwards a request whose route and headers passed every check. `path_and_query` is the
-    /// approved path (relative to the BaRS base path) and query.
-    pub async fn forward(
+    /// Sends a request whose route and headers passed every check and waits for the response
+    /// head until `deadline`. `path_and_query` is the approved path (relative to the BaRS base
+    /// path) and query. The head is checked (no upgrade, header section within
+    /// `upstream.max_response_header_bytes`) and its framing made consistent; the body is the
+    /// caller's to stream, wrapped by [`Upstreams::watch_body`].
+    pub async fn send(
         &self,
         upstream: &Upstream,
         mut parts: http::request::Parts,
         body: GatewayBody,
         path_and_query: &str,
         added: &ForwardedHeaders,
-    ) -> Result<Response<GatewayBody>, Refusal> {
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
         // The authority is parsed once, at start; only the path is parsed here.
         let path_and_query = if upstream.url.base_path.is_empty() {
             PathAndQuery::try_from(path_and_query)
@@ -310,64 +342,237 @@ impl Upstreams {
             })
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot build the upstream URI");
-                Refusal::Internal
+                UpstreamFailure::Internal
             })?;
         rewrite_request_headers(&mut parts.headers, &self.strip_headers, added);
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let outgoing = Request::from_parts(parts, body);
 
-        let response = match tokio::time::timeout(
-            self.request_timeout,
-            upstream.client.request(outgoing),
-        )
-        .await
-        {
-            Err(_elapsed) => {
-                tracing::warn!(upstream = %upstream.url.authority, "upstream did not answer in time");
-                return Err(Refusal::UpstreamTimeout);
-            }
-            Ok(Err(e)) => {
-                if error_chain_has::<http_body_util::LengthLimitError>(&e) {
-                    return Err(Refusal::BodyTooLarge {
-                        limit: self.max_body,
-                    });
-                }
-                tracing::warn!(upstream = %upstream.url.authority, error = %error_chain(&e), "upstream request failed");
-                return Err(Refusal::UpstreamUnavailable);
-            }
-            Ok(Ok(response)) => response,
+        let failure = |f: UpstreamFailure, detail: &dyn std::fmt::Display| {
+            self.count_failure(f.kind());
+            tracing::warn!(
+                upstream = %upstream.url.authority,
+                request_id = %OrDash(added.request_id),
+                correlation_id = %OrDash(added.correlation_id),
+                kind = f.kind(),
+                error = %detail,
+                "upstream exchange failed"
+            );
+            f
         };
-        let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        let body = StallGuard::new(body, self.request_timeout);
-        Ok(Response::from_parts(parts, body.boxed_unsync()))
+        let mut response =
+            match tokio::time::timeout_at(deadline, upstream.client.request(outgoing)).await {
+                Err(_elapsed) => {
+                    return Err(failure(UpstreamFailure::Timeout, &"no answer in time"));
+                }
+                Ok(Err(e)) => {
+                    let f = UpstreamFailure::of_client_error(&e);
+                    if f == UpstreamFailure::BodyTooLarge {
+                        // The sender's streamed body, not the legacy system, was at fault.
+                        return Err(f);
+                    }
+                    return Err(failure(f, &error_chain(&e)));
+                }
+                Ok(Ok(response)) => response,
+            };
+        // An upgrade was never asked for: the gateway never switches protocols for the legacy
+        // system (hyper hands back an unsolicited 101 as a response).
+        if response.status().is_informational() || response.headers().contains_key(header::UPGRADE)
+        {
+            return Err(failure(
+                UpstreamFailure::BadResponse("an unsolicited protocol upgrade"),
+                &response.status(),
+            ));
+        }
+        if response_header_bytes(&response) > self.max_response_header_bytes {
+            return Err(failure(
+                UpstreamFailure::BadResponse("a response header section over the limit"),
+                &format!("over {} bytes", self.max_response_header_bytes),
+            ));
+        }
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and hyper decoded the body
+        // as chunked; a stale Content-Length passed on would truncate the body or hang the sender.
+        if response.headers().contains_key(header::TRANSFER_ENCODING) {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        remove_hop_by_hop(response.headers_mut());
+        Ok(response)
     }
-}
 
-/// A response body that fails when the upstream sends nothing for `timeout` while the gateway
-/// waits for it. `request_timeout` bounds only the wait for response headers; without this, a
-/// receiver that stalls mid-body would hold the client, the connection and its slot for ever.
-/// The time the client takes to read is not counted.
-struct StallGuard {
-    body: Incoming,
-    timeout: Duration,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
-}
+    /// Forwards a request that is not deduplicated: the response head by `deadline`, its body
+    /// streamed and watched.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        parts: http::request::Parts,
+        body: GatewayBody,
+        path_and_query: &str,
+        added: &ForwardedHeaders,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<GatewayBody>, Refusal> {
+        let response = self
+            .send(upstream, parts, body, path_and_query, added, deadline)
+            .await
+            .map_err(|f| f.refusal(self.max_body))?;
+        Ok(response.map(|body| self.watch_body(body, added).boxed_unsync()))
+    }
 
-impl StallGuard {
-    fn new(body: Incoming, timeout: Duration) -> StallGuard {
-        StallGuard {
+    /// The response body as the gateway streams it: cut off when the legacy system stalls
+    /// mid-body, and a body that breaks off is logged with the ids and counted.
+    pub fn watch_body(&self, body: Incoming, added: &ForwardedHeaders) -> UpstreamBody {
+        UpstreamBody {
             body,
-            timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout: self.request_timeout,
+            deadline: Box::pin(tokio::time::sleep(self.request_timeout)),
             waiting: false,
+            request_id: added.request_id,
+            correlation_id: added.correlation_id,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    fn count_failure(&self, kind: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.upstream_failure(kind);
         }
     }
 }
 
-impl http_body::Body for StallGuard {
+/// Why an exchange with the legacy system gave no usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamFailure {
+    /// Could not connect (refused, connect timeout): certainly not delivered.
+    #[error("could not connect")]
+    Connect,
+    /// No response head by the deadline.
+    #[error("no answer in time")]
+    Timeout,
+    /// The connection was reset or closed before a response head.
+    #[error("no answer (connection closed or reset)")]
+    NoAnswer,
+    /// A response that cannot be passed on (an upgrade, an oversized or unparseable head).
+    #[error("an unusable response: {0}")]
+    BadResponse(&'static str),
+    /// The sender's streamed body went over `max_body` on the way.
+    #[error("the request body went over max_body")]
+    BodyTooLarge,
+    /// The gateway could not build the request.
+    #[error("internal error")]
+    Internal,
+}
+
+impl UpstreamFailure {
+    fn of_client_error(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {
+        if error_chain_has::<http_body_util::LengthLimitError>(e) {
+            return UpstreamFailure::BodyTooLarge;
+        }
+        if e.is_connect() {
+            return UpstreamFailure::Connect;
+        }
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(h) = err.downcast_ref::<hyper::Error>() {
+                if h.is_parse_too_large() {
+                    return UpstreamFailure::BadResponse(
+                        "a response header section over the limit",
+                    );
+                }
+                if h.is_parse() || h.is_parse_status() {
+                    return UpstreamFailure::BadResponse("a malformed response head");
+                }
+            }
+            cur = err.source();
+        }
+        UpstreamFailure::NoAnswer
+    }
+
+    /// Whether the legacy system may have received the whole request and processed it: every
+    /// failure after the request could be written (DESIGN.md §5 "uncertain outcome").
+    pub fn may_have_been_processed(self) -> bool {
+        matches!(
+            self,
+            UpstreamFailure::Timeout | UpstreamFailure::NoAnswer | UpstreamFailure::BadResponse(_)
+        )
+    }
+
+    /// The `kind` label of `bars_gateway_upstream_failures_total`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::NoAnswer => "no_answer",
+            UpstreamFailure::BadResponse(_) => "bad_response",
+            UpstreamFailure::BodyTooLarge => "body_too_large",
+            UpstreamFailure::Internal => "internal",
+        }
+    }
+
+    /// What the sender gets.
+    pub fn refusal(self, max_body: u64) -> Refusal {
+        match self {
+            UpstreamFailure::Connect | UpstreamFailure::NoAnswer => Refusal::UpstreamUnavailable,
+            UpstreamFailure::Timeout => Refusal::UpstreamTimeout,
+            UpstreamFailure::BadResponse(problem) => Refusal::UpstreamBadResponse { problem },
+            UpstreamFailure::BodyTooLarge => Refusal::BodyTooLarge { limit: max_body },
+            UpstreamFailure::Internal => Refusal::Internal,
+        }
+    }
+}
+
+/// The size of a response head as HTTP/1.1 carries it (status line and fields).
+fn response_header_bytes<B>(response: &Response<B>) -> usize {
+    let fields: usize = response
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    fields + 17
+}
+
+/// Displays an optional id, or `-`.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A response body from the legacy system as the gateway streams it. It fails when the legacy
+/// system sends nothing for `request_timeout` while the gateway waits (without this, a receiver
+/// that stalls mid-body would hold the sender, the connection and its slot for ever; the time the
+/// sender takes to read is not counted), and a body that breaks off (reset, bad chunk framing,
+/// premature close, stall) is logged at WARN with the ids and counted as
+/// `upstream_failures_total{kind="broken_body"}`.
+pub struct UpstreamBody {
+    body: Incoming,
+    timeout: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+    request_id: Option<RequestId>,
+    correlation_id: Option<CorrelationId>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl UpstreamBody {
+    fn broke(&self, error: &dyn std::fmt::Display) {
+        if let Some(m) = &self.metrics {
+            m.upstream_failure("broken_body");
+        }
+        tracing::warn!(
+            request_id = %OrDash(self.request_id),
+            correlation_id = %OrDash(self.correlation_id),
+            error = %error,
+            "upstream response body broke off: the sender gets a closed connection"
+        );
+    }
+}
+
+impl http_body::Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -378,6 +583,12 @@ impl http_body::Body for StallGuard {
         use std::task::Poll;
         let this = &mut *self;
         match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.waiting = false;
+                let e = error_chain(&e);
+                this.broke(&e);
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(frame) => {
                 this.waiting = false;
                 Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
@@ -389,7 +600,7 @@ impl http_body::Body for StallGuard {
                     this.deadline.as_mut().reset(deadline);
                 }
                 if std::future::Future::poll(this.deadline.as_mut(), cx).is_ready() {
-                    tracing::warn!(timeout = ?this.timeout, "upstream stalled mid-body: response cut off");
+                    this.broke(&format_args!("stalled for {:?} mid-body", this.timeout));
                     return Poll::Ready(Some(Err("the upstream stalled mid-body".into())));
                 }
                 Poll::Pending
@@ -473,6 +684,9 @@ pub fn rewrite_request_headers(
             headers.insert(name, v.clone());
         }
     }
+    if added.possible_duplicate {
+        headers.insert(X_BARS_POSSIBLE_DUPLICATE, HeaderValue::from_static("true"));
+    }
 }
 
 fn error_chain_has<E: std::error::Error + 'static>(
@@ -512,6 +726,9 @@ mod tests {
             cert_sha256: Some(HeaderValue::from_static("ab")),
             bars_target: None,
             ods_code: None,
+            possible_duplicate: false,
+            request_id: None,
+            correlation_id: None,
         }
     }
 

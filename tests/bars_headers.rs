@@ -1269,6 +1269,10 @@ fn every_refusal() -> Vec<Refusal> {
         Refusal::Internal,
         Refusal::UpstreamUnavailable,
         Refusal::StoreUnavailable,
+        Refusal::UpstreamBadResponse {
+            problem: "an unsolicited protocol upgrade",
+        },
+        Refusal::ReplayTooLarge { status: 422 },
     ];
     for refusal in &all {
         match refusal {
@@ -1291,7 +1295,9 @@ fn every_refusal() -> Vec<Refusal> {
             | Refusal::Throttled
             | Refusal::Internal
             | Refusal::UpstreamUnavailable
-            | Refusal::StoreUnavailable => {}
+            | Refusal::StoreUnavailable
+            | Refusal::UpstreamBadResponse { .. }
+            | Refusal::ReplayTooLarge { .. } => {}
         }
     }
     all

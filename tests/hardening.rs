@@ -908,46 +908,12 @@ async fn header_names_with_underscores_never_reach_the_upstream() {
 
 /// The `/metrics` text of the gateway's admin listener.
 async fn metrics_text(rig: &Rig) -> String {
-    let admin = rig
-        .gateway
-        .admin
-        .expect("the harness enables the admin listener");
-    let mut tcp = TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(SAFETY_NET, tcp.read_to_string(&mut text))
-        .await
-        .expect("/metrics answers")
-        .unwrap();
-    text
+    admin_get(rig.gateway.admin.unwrap(), "/metrics").await
 }
 
-/// The value of one metric series (`name{labels}` exactly as exposed), 0 when absent.
-async fn metric(rig: &Rig, series: &str) -> f64 {
-    let prefix = format!("{series} ");
-    metrics_text(rig)
-        .await
-        .lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
-        .map_or(0.0, |value| value.trim().parse().unwrap())
-}
-
-/// Polls a metric until `done` (metrics have no push signal); panics after the safety net.
+/// Polls a metric of the rig's gateway until `done` (the one helper in tests/common).
 async fn wait_for_metric(rig: &Rig, series: &str, done: impl Fn(f64) -> bool) -> f64 {
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    loop {
-        let value = metric(rig, series).await;
-        if done(value) {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stuck at {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_metric_of(rig.gateway.admin.unwrap(), series, done).await
 }
 
 /// Writes `bytes` one at a time, `gap` apart, until the peer closes; returns how many were written
@@ -1091,8 +1057,8 @@ async fn a_third_connection_beyond_max_connections_is_closed_at_accept_and_count
         "the third connection got bytes: {read:?}"
     );
     assert_eq!(
-        metric(
-            &rig,
+        metric_of(
+            rig.gateway.admin.unwrap(),
             "bars_gateway_rejections_total{reason=\"max_connections\"}"
         )
         .await,
@@ -1950,23 +1916,26 @@ async fn upstream_killed_and_restarted_under_load_gets_503s_then_recovers_and_fo
 }
 
 #[tokio::test]
-async fn an_upstream_that_accepts_and_never_answers_gets_408_and_the_retry_goes_through() {
+async fn an_upstream_that_accepts_and_never_answers_gets_408_and_the_retry_425_while_it_may_still_answer(
+) {
     let _serial = serial_guard().await;
     let (rig, upstream) = raw_rig(RawReply::Silent, |s| {
         s.upstream.request_timeout = Duration::from_millis(300)
     })
     .await;
     let id = new_id();
-    for attempt in 1..=2 {
-        let reply = rig.send(process_message_with_id(&id)).await;
-        reply.assert_outcome(408, "REC_TIMEOUT", "timeout");
-        assert_eq!(reply.headers["x-request-id"], id.as_str());
-        upstream.wait_for_count(attempt).await;
-    }
+    let reply = rig.send(process_message_with_id(&id)).await;
+    reply.assert_outcome(408, "REC_TIMEOUT", "timeout");
+    assert_eq!(reply.headers["x-request-id"], id.as_str());
+    upstream.wait_for_count(1).await;
+    // The deadline ended the sender's wait, not the legacy system's work (issue 13).
+    let retry = rig.send(process_message_with_id(&id)).await;
+    retry.assert_outcome(425, "REC_TOO_EARLY", "duplicate");
+    assert_eq!(retry.headers["x-request-id"], id.as_str());
     assert_eq!(
         upstream.received().len(),
-        2,
-        "a timed-out request is not recorded as done"
+        1,
+        "a timed-out request may still be processed: its retry is not delivered meanwhile"
     );
 }
 
@@ -2011,10 +1980,23 @@ async fn an_upstream_that_resets_mid_body_ends_the_client_response_promptly() {
         "a truncated body must not look complete: {body:?}"
     );
     assert_eq!(upstream.received().len(), 1);
-    // The receiver did process it (it answered 200): the sender's retry is a duplicate.
-    let retry = rig.send(process_message_with_id(&id)).await;
-    retry.assert_outcome(409, "REC_CONFLICT", "duplicate");
-    assert_eq!(upstream.received().len(), 1);
+    // A body that broke off is no usable answer: the outcome is uncertain, so the retry is
+    // delivered (never lost), marked as a possible duplicate for the legacy system (issue 13).
+    wait_for_metric(
+        &rig,
+        "bars_gateway_dedup_total{outcome=\"uncertain\"}",
+        |v| v >= 1.0,
+    )
+    .await;
+    let (status, _) = send_and_read_body(&rig, process_message_with_id(&id)).await;
+    assert_eq!(status, 200);
+    upstream.wait_for_count(2).await;
+    let seen = upstream.received();
+    assert_eq!(
+        seen[0].headers("x-bars-possible-duplicate"),
+        Vec::<String>::new()
+    );
+    assert_eq!(seen[1].headers("x-bars-possible-duplicate"), ["true"]);
 }
 
 #[tokio::test]

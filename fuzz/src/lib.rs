@@ -174,7 +174,7 @@ pub fn config(data: &[u8]) {
             );
             with_runtime(|rt| {
                 let _entered = rt.enter();
-                let _ = bars_gateway::upstream::Upstreams::new(&settings.upstream);
+                let _ = bars_gateway::upstream::Upstreams::new(&settings.upstream, None);
             });
         }
         Err(error) => {

@@ -107,6 +107,20 @@ pub enum Refusal {
     /// sender retries instead of risking a double delivery.
     #[error("The receiver cannot check for duplicates right now")]
     StoreUnavailable,
+    /// The legacy system answered something that cannot be passed on: an upgrade, an oversized or
+    /// malformed head (503 REC_SERVICE_UNAVAILABLE / transient: a BaRS sender retries a 503).
+    #[error("The receiver answered with an unusable response: {problem}")]
+    UpstreamBadResponse {
+        /// What was wrong with it.
+        problem: &'static str,
+    },
+    /// A retry of a request refused with a deterministic 4xx whose body was over
+    /// `dedup.max_replay_bytes` (the original status, its BaRS code / processing).
+    #[error("This message was already processed and refused with status {status}; the original answer was too large to keep for replay")]
+    ReplayTooLarge {
+        /// The original status (a 4xx).
+        status: u16,
+    },
 }
 
 fn reference_suffix(reference: &Option<String>) -> String {
@@ -136,8 +150,11 @@ impl Refusal {
             Refusal::InFlight => StatusCode::TOO_EARLY,
             Refusal::Throttled => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
+            Refusal::UpstreamUnavailable
+            | Refusal::StoreUnavailable
+            | Refusal::UpstreamBadResponse { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ReplayTooLarge { status } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
             }
         }
     }
@@ -161,7 +178,19 @@ impl Refusal {
             Refusal::InFlight => "REC_TOO_EARLY",
             Refusal::Throttled => "REC_TOO_MANY_REQUESTS",
             Refusal::Internal => "REC_SERVER_ERROR",
-            Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => "REC_SERVICE_UNAVAILABLE",
+            Refusal::UpstreamUnavailable
+            | Refusal::StoreUnavailable
+            | Refusal::UpstreamBadResponse { .. } => "REC_SERVICE_UNAVAILABLE",
+            Refusal::ReplayTooLarge { status } => match status {
+                401 => "REC_UNAUTHORIZED",
+                403 => "REC_FORBIDDEN",
+                404 => "REC_NOT_FOUND",
+                405 => "REC_METHOD_NOT_ALLOWED",
+                406 => "REC_NOT_ACCEPTABLE",
+                409 => "REC_CONFLICT",
+                422 => "REC_UNPROCESSABLE_ENTITY",
+                _ => "REC_BAD_REQUEST",
+            },
         }
     }
 
@@ -182,7 +211,10 @@ impl Refusal {
             Refusal::BodyTooLarge { .. } | Refusal::HeadersTooLarge { .. } => "too-long",
             Refusal::Throttled => "throttled",
             Refusal::Internal => "exception",
-            Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => "transient",
+            Refusal::UpstreamUnavailable
+            | Refusal::StoreUnavailable
+            | Refusal::UpstreamBadResponse { .. } => "transient",
+            Refusal::ReplayTooLarge { .. } => "processing",
         }
     }
 
@@ -209,6 +241,8 @@ impl Refusal {
             Refusal::Internal => "internal",
             Refusal::UpstreamUnavailable => "upstream_unavailable",
             Refusal::StoreUnavailable => "store_unavailable",
+            Refusal::UpstreamBadResponse { .. } => "upstream_bad_response",
+            Refusal::ReplayTooLarge { .. } => "replay_too_large",
         }
     }
 

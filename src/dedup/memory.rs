@@ -46,11 +46,16 @@ struct Slot {
     expires_ms: u64,
     /// The claim this slot belongs to; the queue record with the same sequence number is live.
     seq: u32,
-    /// 0 while in flight, the upstream's status once done.
+    /// [`IN_FLIGHT`], [`UNCERTAIN`], or the upstream's status once done.
     status: u16,
     /// The rare extras of a done entry: the `Location` reference and a 4xx to replay.
     extra: Option<Box<Extra>>,
 }
+
+/// `Slot::status` of an in-flight claim.
+const IN_FLIGHT: u16 = 0;
+/// `Slot::status` of an uncertain outcome (an HTTP status is never below 100).
+const UNCERTAIN: u16 = 1;
 
 struct Extra {
     reference: Option<Box<str>>,
@@ -64,7 +69,14 @@ impl Slot {
                 fingerprint,
                 expires_ms,
                 seq,
-                status: 0,
+                status: IN_FLIGHT,
+                extra: None,
+            },
+            Entry::Uncertain { fingerprint } => Slot {
+                fingerprint,
+                expires_ms,
+                seq,
+                status: UNCERTAIN,
                 extra: None,
             },
             Entry::Done {
@@ -76,8 +88,8 @@ impl Slot {
                 fingerprint,
                 expires_ms,
                 seq,
-                // A status is never 0 (hyper's `StatusCode` is 100..=999).
-                status: status.max(1),
+                // hyper's `StatusCode` is 100..=999: never one of the two markers.
+                status: status.max(100),
                 extra: (reference.is_some() || replay.is_some())
                     .then(|| Box::new(Extra { reference, replay })),
             },
@@ -85,10 +97,18 @@ impl Slot {
     }
 
     fn entry(&self) -> Entry {
-        if self.status == 0 {
-            return Entry::InFlight {
-                fingerprint: self.fingerprint,
-            };
+        match self.status {
+            IN_FLIGHT => {
+                return Entry::InFlight {
+                    fingerprint: self.fingerprint,
+                }
+            }
+            UNCERTAIN => {
+                return Entry::Uncertain {
+                    fingerprint: self.fingerprint,
+                }
+            }
+            _ => {}
         }
         let (reference, replay) = match &self.extra {
             Some(extra) => (extra.reference.clone(), extra.replay.clone()),
@@ -241,14 +261,20 @@ impl MemoryStore {
         }
     }
 
-    /// Atomically records an in-flight claim unless an unexpired entry exists, and reports it.
+    /// Atomically records an in-flight claim unless an unexpired entry exists, and reports it. An
+    /// uncertain entry of the same request is replaced by the claim (`Claim::AfterUncertain`).
     pub fn claim(&self, id: RequestId, fingerprint: Fingerprint) -> Claim {
         let now = self.now_ms();
         let mut shard = self.shard(&id);
         shard.sweep(now);
-        if let Some(slot) = shard.map.get(&id) {
+        if let Some(slot) = shard.map.get_mut(&id) {
             if slot.expires_ms > now {
-                return Claim::from_existing(Some(slot.entry()), fingerprint);
+                let claim = Claim::from_existing(Some(slot.entry()), fingerprint);
+                if claim == Claim::AfterUncertain {
+                    slot.status = IN_FLIGHT;
+                    slot.expires_ms = now.saturating_add(self.in_flight_ms);
+                }
+                return claim;
             }
             shard.map.remove(&id);
         }
@@ -269,7 +295,7 @@ impl MemoryStore {
         let now = self.now_ms();
         let expires = now.saturating_add(match entry {
             Entry::InFlight { .. } => self.in_flight_ms,
-            Entry::Done { .. } => self.ttl_ms,
+            Entry::Done { .. } | Entry::Uncertain { .. } => self.ttl_ms,
         });
         let mut shard = self.shard(&id);
         let evicted = match shard.map.get_mut(&id) {
@@ -366,6 +392,21 @@ mod tests {
     }
 
     #[test]
+    fn an_uncertain_entry_lets_exactly_one_retry_through_marked() {
+        let s = store(100);
+        let fp = Fingerprint([1; 32]);
+        assert_eq!(s.claim(id(1), fp), Claim::First);
+        s.complete(id(1), Entry::Uncertain { fingerprint: fp });
+        assert_eq!(s.claim(id(1), Fingerprint([2; 32])), Claim::Conflict);
+        assert_eq!(s.claim(id(1), fp), Claim::AfterUncertain);
+        assert_eq!(
+            s.claim(id(1), fp),
+            Claim::Seen(Entry::InFlight { fingerprint: fp }),
+            "the marked retry holds the claim: a concurrent one gets 425"
+        );
+    }
+
+    #[test]
     fn completed_entries_are_seen_done_and_released_ones_forgotten() {
         let s = store(100);
         let fp = Fingerprint([1; 32]);
@@ -375,6 +416,7 @@ mod tests {
             status: 201,
             reference: Some("ID-1".into()),
             replay: Some(Box::new(Replay {
+                too_large: false,
                 content_type: Some("application/fhir+json".into()),
                 body: b"{}".to_vec(),
             })),

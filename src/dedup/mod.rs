@@ -6,9 +6,16 @@
 //! forgotten when it is transient (408, 429, 5xx, timeout, unreachable) so the sender's retry
 //! goes through. A retry of a done request gets 409 (or the original 4xx again), a retry while
 //! the original is in flight gets 425, and the same id with other content gets 422.
+//!
+//! An outcome the gateway cannot know (the request was written but no usable answer came) is
+//! recorded *uncertain*: the retry is delivered (a referral is never lost) and marked to the legacy
+//! system as a possible duplicate. [`once`] runs the whole exchange: claim, forward once, record
+//! (late answers included), replay.
 
 pub mod memory;
+pub mod once;
 pub mod redis;
+pub mod reference;
 
 use std::time::Duration;
 
@@ -82,13 +89,14 @@ impl Fingerprint {
 pub struct Replay {
     /// The original Content-Type.
     pub content_type: Option<String>,
-    /// The original body (bounded by [`MAX_REPLAY_BODY`]).
+    /// The original body, whole (at most `dedup.max_replay_bytes`; empty when `too_large`).
     #[serde(with = "hex_bytes_vec")]
     pub body: Vec<u8>,
+    /// The original body was over `dedup.max_replay_bytes`: a retry gets a gateway
+    /// OperationOutcome with the same status instead.
+    #[serde(default)]
+    pub too_large: bool,
 }
-
-/// Largest 4xx body kept for replay; larger ones are replayed as a bare status.
-pub const MAX_REPLAY_BODY: usize = 16 * 1024;
 
 /// What the store remembers about a request id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,12 +119,20 @@ pub enum Entry {
         /// entries must fit in little memory).
         replay: Option<Box<Replay>>,
     },
+    /// Forwarded, and no usable answer came (reset, broken body, completion timeout): the legacy
+    /// system may or may not have processed it. The next retry is delivered, marked.
+    Uncertain {
+        /// The request's fingerprint.
+        fingerprint: Fingerprint,
+    },
 }
 
 impl Entry {
     fn fingerprint(&self) -> Fingerprint {
         match self {
-            Entry::InFlight { fingerprint } | Entry::Done { fingerprint, .. } => *fingerprint,
+            Entry::InFlight { fingerprint }
+            | Entry::Done { fingerprint, .. }
+            | Entry::Uncertain { fingerprint } => *fingerprint,
         }
     }
 }
@@ -126,19 +142,24 @@ impl Entry {
 pub enum Claim {
     /// Never seen (or forgotten): forward it.
     First,
-    /// Seen, with the same content.
+    /// Claimed after an uncertain outcome of the same request: forward it, marked as a possible
+    /// duplicate for the legacy system.
+    AfterUncertain,
+    /// Seen, with the same content (in flight or done; never uncertain).
     Seen(Entry),
     /// Seen with other content: 422.
     Conflict,
 }
 
 impl Claim {
-    /// Decides from the entry found under the id (or none, when the claim was written).
+    /// Decides from the entry found under the id (or none, when the claim was written). An
+    /// uncertain entry is never returned as `Seen`: the store replaces it with the new claim.
     pub fn from_existing(existing: Option<Entry>, fingerprint: Fingerprint) -> Claim {
         match existing {
             None => Claim::First,
-            Some(e) if e.fingerprint() == fingerprint => Claim::Seen(e),
-            Some(_) => Claim::Conflict,
+            Some(e) if e.fingerprint() != fingerprint => Claim::Conflict,
+            Some(Entry::Uncertain { .. }) => Claim::AfterUncertain,
+            Some(e) => Claim::Seen(e),
         }
     }
 }
@@ -149,9 +170,10 @@ impl Claim {
 pub struct StoreError(pub String);
 
 /// How long an in-flight claim lives: a crashed gateway must not block retries for the whole
-/// `ttl`, yet the claim must outlive any answer that can still arrive.
-pub fn in_flight_ttl(request_timeout: Duration) -> Duration {
-    request_timeout * 2 + Duration::from_secs(30)
+/// `ttl`, yet the claim must outlive any answer that can still arrive (the exchange goes on up to
+/// `completion_timeout` after the forward, which starts within `request_timeout`).
+pub fn in_flight_ttl(request_timeout: Duration, completion_timeout: Duration) -> Duration {
+    completion_timeout + request_timeout + Duration::from_secs(30)
 }
 
 /// The configured store.
@@ -167,10 +189,9 @@ impl DedupStore {
     /// stop the gateway (requests follow `on_store_error`, readiness reports it).
     pub fn new(
         settings: &DedupSettings,
-        request_timeout: Duration,
+        in_flight: Duration,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Result<DedupStore, StoreError> {
-        let in_flight = in_flight_ttl(request_timeout);
         Ok(match &settings.backend {
             DedupBackend::Memory => DedupStore::Memory(memory::MemoryStore::new(
                 settings.max_entries,
@@ -197,7 +218,8 @@ impl DedupStore {
         }
     }
 
-    /// Records the deterministic answer to a claimed request.
+    /// Records the deterministic answer to a claimed request, or that its outcome is uncertain
+    /// (`Entry::Uncertain`, kept for the full ttl so that the retry is marked whenever it comes).
     pub async fn complete(&self, id: RequestId, entry: Entry) -> Result<(), StoreError> {
         match self {
             DedupStore::Memory(s) => {
@@ -351,6 +373,30 @@ mod tests {
     }
 
     #[test]
+    fn the_in_flight_claim_outlives_the_completion_timeout() {
+        let ttl = in_flight_ttl(Duration::from_secs(5), Duration::from_secs(120));
+        assert!(ttl > Duration::from_secs(125), "{ttl:?}");
+    }
+
+    #[test]
+    fn an_uncertain_entry_of_the_same_request_is_claimed_after_uncertain() {
+        let fp = Fingerprint([3; 32]);
+        assert_eq!(
+            Claim::from_existing(Some(Entry::Uncertain { fingerprint: fp }), fp),
+            Claim::AfterUncertain
+        );
+        assert_eq!(
+            Claim::from_existing(
+                Some(Entry::Uncertain { fingerprint: fp }),
+                Fingerprint([4; 32])
+            ),
+            Claim::Conflict
+        );
+        let text = serde_json::to_string(&Entry::Uncertain { fingerprint: fp }).unwrap();
+        assert!(text.starts_with(r#"{"state":"uncertain""#), "{text}");
+    }
+
+    #[test]
     fn entries_round_trip_through_json() {
         let e = Entry::Done {
             fingerprint: Fingerprint([7; 32]),
@@ -359,6 +405,7 @@ mod tests {
             replay: Some(Box::new(Replay {
                 content_type: Some("application/fhir+json".into()),
                 body: b"{}".to_vec(),
+                too_large: false,
             })),
         };
         let text = serde_json::to_string(&e).unwrap();

@@ -1,5 +1,6 @@
 //! The shared dedup store: Redis, so that several gateway replicas behave as one and ids survive
-//! restarts. The claim is `SET key value NX PX ttl`, atomic across replicas.
+//! restarts. The claim is one Lua script (`SET NX PX`, or the swap of an uncertain entry), atomic
+//! across replicas.
 //!
 //! The connection is made lazily and re-made after failures (redis' ConnectionManager), so Redis
 //! being down at start does not stop the gateway: requests follow `dedup.on_store_error` and
@@ -16,6 +17,21 @@ use crate::bars::ids::RequestId;
 
 /// Every key the gateway writes starts with this.
 pub const KEY_PREFIX: &str = "bars-gateway:dedup:";
+
+/// The claim, atomic in Redis: 1 = claimed, 2 = claimed over an uncertain entry of the same
+/// request (ARGV[3] is that entry, encoded exactly as the gateway writes it), else 0 and the entry.
+const CLAIM_SCRIPT: &str = r"
+local existing = redis.call('GET', KEYS[1])
+if not existing then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, false}
+end
+if existing == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, false}
+end
+return {0, existing}
+";
 
 /// Time allowed for one Redis command (including a reconnect).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,7 +93,9 @@ impl RedisStore {
         serde_json::to_string(entry).map_err(|e| StoreError(e.to_string()))
     }
 
-    /// `SET NX PX` the in-flight entry; if the key exists, read what is there.
+    /// Claims atomically in one script: `SET NX PX` the in-flight entry; if the key holds an
+    /// uncertain entry of the same request, replace it with the claim (exactly one retry wins);
+    /// otherwise return what is there.
     pub async fn claim(
         &self,
         id: RequestId,
@@ -85,31 +103,28 @@ impl RedisStore {
     ) -> Result<Claim, StoreError> {
         let key = Self::key(id);
         let value = Self::encode(&Entry::InFlight { fingerprint })?;
-        // The key can vanish between SET NX and GET (released or expired): then claim again.
-        for _ in 0..3 {
-            let set: Option<String> = self
-                .run(
-                    ::redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&value)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(self.in_flight.as_millis() as u64),
-                )
-                .await?;
-            if set.is_some() {
-                return Ok(Claim::First);
-            }
-            let existing: Option<String> = self.run(::redis::cmd("GET").arg(&key)).await?;
-            if let Some(text) = existing {
+        let uncertain = Self::encode(&Entry::Uncertain { fingerprint })?;
+        let (claimed, existing): (i64, Option<String>) = self
+            .run(
+                ::redis::cmd("EVAL")
+                    .arg(CLAIM_SCRIPT)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(&value)
+                    .arg(self.in_flight.as_millis() as u64)
+                    .arg(&uncertain),
+            )
+            .await?;
+        match (claimed, existing) {
+            (1, _) => Ok(Claim::First),
+            (2, _) => Ok(Claim::AfterUncertain),
+            (_, Some(text)) => {
                 let entry: Entry = serde_json::from_str(&text)
                     .map_err(|e| StoreError(format!("unreadable entry under {key}: {e}")))?;
-                return Ok(Claim::from_existing(Some(entry), fingerprint));
+                Ok(Claim::from_existing(Some(entry), fingerprint))
             }
+            (_, None) => Err(StoreError(format!("{key}: unexpected claim reply"))),
         }
-        Err(StoreError(format!(
-            "{key} kept changing while being claimed"
-        )))
     }
 
     /// Replaces the in-flight entry with the answer, for the full ttl.

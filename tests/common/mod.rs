@@ -475,15 +475,7 @@ impl TestUpstream {
 
     /// Waits until at least `n` requests have reached it (no polling: woken on each arrival).
     pub async fn wait_for_count(&self, n: usize) {
-        loop {
-            let notified = self.arrived.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.count() >= n {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&self.arrived, || self.count() >= n).await
     }
 
     /// The one request that reached it.
@@ -1027,4 +1019,52 @@ pub fn signal(child: &std::process::Child, sig: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub mod legacy;
+
+/// The value of one `/metrics` series of a gateway's admin listener (`name{labels}` exactly as
+/// exposed), 0 when absent.
+pub async fn metric_of(admin: SocketAddr, series: &str) -> f64 {
+    let prefix = format!("{series} ");
+    admin_get(admin, "/metrics")
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
+/// Polls a metric until `done` (metrics have no push signal); panics after 20 s.
+pub async fn wait_for_metric_of(
+    admin: SocketAddr,
+    series: &str,
+    done: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let value = metric_of(admin, series).await;
+        if done(value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} stuck at {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `done()`, re-checked each time `signal` is notified (no polling).
+pub async fn wait_until(signal: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = signal.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
 }
