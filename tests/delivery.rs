@@ -714,3 +714,89 @@ async fn a_response_header_section_over_the_limit_is_answered_503(store: Store) 
     );
 }
 both_stores!(a_response_header_section_over_the_limit_is_answered_503);
+
+// ---- what the operator sees --------------------------------------------------------------------
+
+/// Every log line of this test process, as JSON (the in-process gateways log through it).
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        struct Writer(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for Writer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("info")
+            .with_writer(move || Writer(logs))
+            .init();
+        logs
+    })
+}
+
+/// The captured log lines that mention `id`, parsed.
+fn log_lines_about(id: &str) -> Vec<serde_json::Value> {
+    let logs = captured_logs().lock().unwrap();
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|l| l.contains(id))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_broken_body_is_audited_as_an_upstream_failure_and_the_uncertain_outcome_logged_with_both_ids(
+) {
+    captured_logs();
+    let Some(bed) = Bed::start(
+        Store::Memory,
+        vec![Act::AnswerThenClose(answer_cut_short())],
+        |s| s.log.audit = true,
+    )
+    .await
+    else {
+        return;
+    };
+    let id = new_id();
+    assert!(bed.try_send(0, post(&id)).await.is_err());
+    bed.wait_for_outcome(0, "uncertain", 1.0).await;
+    let lines = log_lines_about(&id);
+    let audit = lines
+        .iter()
+        .find(|l| l["target"] == "audit")
+        .unwrap_or_else(|| panic!("an audit record for {id}: {lines:#?}"));
+    assert_eq!(
+        audit["fields"]["status"], 502,
+        "not the 200 its head said: {audit}"
+    );
+    assert_ne!(audit["fields"]["upstream_error"], "-", "{audit}");
+    let warn = lines
+        .iter()
+        .find(|l| {
+            l["level"] == "WARN"
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("uncertain outcome"))
+        })
+        .unwrap_or_else(|| panic!("a WARN uncertain-outcome line for {id}: {lines:#?}"));
+    assert_eq!(warn["fields"]["request_id"], id.as_str());
+    assert!(warn["fields"]["correlation_id"]
+        .as_str()
+        .is_some_and(|c| c.len() == 36));
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("upstream response body broke off"))),
+        "{lines:#?}"
+    );
+}
