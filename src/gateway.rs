@@ -33,6 +33,7 @@ use crate::bars::{self, Refusal};
 use crate::config::{BarsSettings, DedupSettings, ListenSettings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
+use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, StatusLabel};
 use crate::tls::{self, LoadedTls};
@@ -111,6 +112,8 @@ impl Shared {
 /// One admitted, authenticated connection.
 struct Connection {
     peer: Arc<Peer>,
+    /// HTTP/1 only: what hyper does not show of each request's framing.
+    framing: Option<Arc<FramingWatch>>,
     forwarded_for: HeaderValue,
     cert_subject: Option<HeaderValue>,
     cert_sha256: Option<HeaderValue>,
@@ -191,7 +194,10 @@ pub async fn serve_connection(
         shared.metrics.reject("no_client_certificate");
         return;
     };
+    let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
+    let framing = (!is_h2).then(|| Arc::new(FramingWatch::default()));
     let conn = Arc::new(Connection {
+        framing: framing.clone(),
         forwarded_for: header_value(&admitted.client.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown")),
         cert_subject: HeaderValue::from_bytes(identity.subject.as_bytes()).ok(),
@@ -205,12 +211,11 @@ pub async fn serve_connection(
 
     // 4. HTTP/1.1 or h2 (ALPN) until the client closes, the connection idles out, or we drain.
     // The header timer runs on HTTP/1 only: on h2, pings and window updates arrive between requests.
-    let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
     let idle = IdleWatch::new(
         shared.listen.idle_timeout,
         (!is_h2).then_some(shared.listen.header_read_timeout),
     );
-    let io = TokioIo::new(ActivityIo::new(tls_stream, idle.clone()));
+    let io = TokioIo::new(ActivityIo::new(tls_stream, idle.clone(), framing));
     let service = {
         let shared = shared.clone();
         let idle = idle.clone();
@@ -316,6 +321,18 @@ async fn check_and_forward(
     audit: &mut AuditRecord,
     deadline: tokio::time::Instant,
 ) -> Result<Response<GatewayBody>, Refusal> {
+    // Framing: Content-Length and Transfer-Encoding together (RFC 9112 §6.1: an error; hyper
+    // reads chunked and closes the connection after the answer).
+    if conn
+        .framing
+        .as_ref()
+        .is_some_and(|f| f.next_request_has_both_lengths())
+    {
+        return Err(Refusal::InvalidRequest(
+            "Content-Length and Transfer-Encoding must not both be sent".into(),
+        ));
+    }
+
     // Size: the header section within listen.max_header_bytes (431).
     check_header_section(&request, shared.listen.max_header_bytes)?;
 

@@ -140,17 +140,23 @@ impl IdleWatch {
     }
 }
 
-/// An IO wrapper that records activity on every read or write that moves bytes.
+/// An IO wrapper that records activity on every read or write that moves bytes (and, on
+/// HTTP/1, shows what it reads to the request framing watch).
 #[derive(Debug)]
 pub struct ActivityIo<T> {
     io: T,
     watch: IdleWatch,
+    framing: Option<std::sync::Arc<crate::framing::FramingWatch>>,
 }
 
 impl<T> ActivityIo<T> {
-    /// Wraps `io`, reporting activity to `watch`.
-    pub fn new(io: T, watch: IdleWatch) -> Self {
-        ActivityIo { io, watch }
+    /// Wraps `io`, reporting activity to `watch` and the bytes read to `framing`.
+    pub fn new(
+        io: T,
+        watch: IdleWatch,
+        framing: Option<std::sync::Arc<crate::framing::FramingWatch>>,
+    ) -> Self {
+        ActivityIo { io, watch, framing }
     }
 }
 
@@ -164,6 +170,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.watch.inner.received();
+            if let Some(framing) = &self.framing {
+                framing.feed(&buf.filled()[before..]);
+            }
         }
         result
     }

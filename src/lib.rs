@@ -13,6 +13,7 @@ pub mod check;
 pub mod config;
 pub mod dedup;
 pub mod demo;
+pub mod framing;
 pub mod gateway;
 pub mod idle;
 pub mod metrics;
