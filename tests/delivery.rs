@@ -800,3 +800,29 @@ async fn a_broken_body_is_audited_as_an_upstream_failure_and_the_uncertain_outco
         "{lines:#?}"
     );
 }
+
+async fn bare_lf_chunk_framing_reaches_the_sender_whole_or_not_at_all(store: Store) {
+    let bare = b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ntransfer-encoding: chunked\r\n\r\n5\n{\"a\":\n2\n1}\n0\n\n".to_vec();
+    let Some(bed) = Bed::start(store, vec![Act::AnswerThenClose(bare)], |_| {}).await else {
+        return;
+    };
+    let id = new_id();
+    match bed.try_send(0, post(&id)).await {
+        Ok(reply) => {
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.body, Bytes::from_static(b"{\"a\":1}"), "whole");
+            bed.send(1, post(&id))
+                .await
+                .assert_outcome(409, "REC_CONFLICT", "duplicate");
+            assert_eq!(bed.legacy.count(), 1);
+        }
+        Err(e) => {
+            // Broken before its first byte, the head is never sent either: a closed connection.
+            assert!(e.starts_with("body") || e.starts_with("request"), "{e}");
+            bed.wait_for_outcome(0, "uncertain", 1.0).await;
+            assert_eq!(bed.send(1, post(&id)).await.status, 200);
+            assert_eq!(bed.legacy.count(), 2);
+        }
+    }
+}
+both_stores!(bare_lf_chunk_framing_reaches_the_sender_whole_or_not_at_all);
