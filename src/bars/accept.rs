@@ -152,11 +152,15 @@ pub fn response_format(headers: &HeaderMap, uri: &http::Uri) -> Format {
         for range in split_ranges(strip_single_quotes(text.trim())) {
             position += 1;
             let mut parts = split_outside_quotes(strip_single_quotes(range.trim()), b';');
-            let media_type = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let slot = match media_type.as_str() {
-                "application/fhir+xml" | "application/xml" | "text/xml" => 0,
-                "application/fhir+json" | "application/json" => 1,
-                _ => continue,
+            // Compared without lower-casing a copy: this runs on every request.
+            let media_type = parts.next().unwrap_or("").trim();
+            let is = |types: &[&str]| types.iter().any(|t| media_type.eq_ignore_ascii_case(t));
+            let slot = if is(&["application/fhir+xml", "application/xml", "text/xml"]) {
+                0
+            } else if is(&["application/fhir+json", "application/json"]) {
+                1
+            } else {
+                continue;
             };
             let weight = parts
                 .filter_map(|p| p.split_once('='))
