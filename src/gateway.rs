@@ -30,12 +30,12 @@ use tokio_rustls::TlsAcceptor;
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
 use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
-use crate::bars::warnings::{IdentityWarning, WarningLogLimiter};
+use crate::bars::warnings::WarningReporter;
 use crate::bars::{self, render, Refusal};
 use crate::config::{BarsSettings, DedupSettings, ListenSettings, OnStoreError};
 use crate::dedup::{self, Claim, DedupStore, Entry, Fingerprint, Replay};
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
-use crate::metrics::{IdentityWarningLabel, Metrics, OutcomeLabel, StatusLabel};
+use crate::metrics::{Metrics, OutcomeLabel, StatusLabel};
 use crate::rejection::RejectionReason;
 use crate::tls::{self, LoadedTls};
 use crate::upstream::{BufferedBody, ForwardedHeaders, GatewayBody, Upstream, Upstreams};
@@ -78,8 +78,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Keeps refused-address logs to one line per address per minute.
     pub refusal_log: RefusalLogLimiter,
-    /// Keeps identity header warnings to one log line a minute.
-    pub identity_warning_log: WarningLogLimiter,
+    /// Counts identity header warnings and logs one a minute.
+    pub identity_warnings: WarningReporter,
     /// `[[upstream.route]]` entries exist: the gateway needs NHSD-Target-Identifier's value.
     pub routes_by_target: bool,
     /// Whether to write one audit record per request.
@@ -345,7 +345,9 @@ async fn check_and_forward(
             target_needed: shared.routes_by_target,
         },
     )?;
-    report_identity_warnings(shared, &identity.warnings, &ids.request_id);
+    shared
+        .identity_warnings
+        .report(&shared.metrics, &identity.warnings, &ids.request_id);
     audit.target = identity.target.as_ref().map(|t| t.to_string());
     audit.ods_code = identity.organisation.as_ref().map(|o| o.ods_code.0.clone());
     audit.software = identity.software.as_ref().and_then(|s| s.id.clone());
@@ -633,34 +635,6 @@ fn check_header_section(request: &Request<Incoming>, limit: usize) -> Result<(),
         return Err(Refusal::HeadersTooLarge { limit });
     }
     Ok(())
-}
-
-/// Counts every identity header forwarded with an unexpected shape, and logs one a minute.
-fn report_identity_warnings(
-    shared: &Shared,
-    warnings: &[IdentityWarning],
-    request_id: &bars::ids::RequestId,
-) {
-    for warning in warnings {
-        shared
-            .metrics
-            .identity_header_warnings
-            .get_or_create(&IdentityWarningLabel {
-                header: warning.header,
-                problem: warning.problem.as_str(),
-            })
-            .inc();
-    }
-    if let Some(first) = warnings.first() {
-        if shared.identity_warning_log.should_log(Instant::now()) {
-            tracing::warn!(
-                request_id = %request_id,
-                header = first.header,
-                problem = first.problem.as_str(),
-                "identity header forwarded with an unexpected shape (counted in bars_gateway_identity_header_warnings_total; logged at most once a minute)"
-            );
-        }
-    }
 }
 
 fn header_value(text: &str) -> Option<HeaderValue> {

@@ -136,7 +136,7 @@ impl Gateway {
             listen: settings.listen.clone(),
             metrics,
             refusal_log: RefusalLogLimiter::new(Duration::from_secs(60), 10_000),
-            identity_warning_log: bars::warnings::WarningLogLimiter::new(Duration::from_secs(60)),
+            identity_warnings: bars::warnings::WarningReporter::new(Duration::from_secs(60)),
             routes_by_target: !settings.upstream.routes.is_empty(),
             audit: settings.log.audit,
             http: Shared::http_builder(&settings.listen),

@@ -23,7 +23,7 @@ const ORGANISATION: &str = "nhsd-end-user-organisation";
 const DOS_SYSTEM: &str = "https://fhir.nhs.uk/Id/dos-service-id";
 const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 
-/// The referral from NHS 111 to an emergency department, in FHIR XML (tests/fixtures/README).
+/// The referral from NHS 111 to an emergency department, in FHIR XML (tests/fixtures/bars-examples/README.md).
 const REFERRAL_XML: &[u8] = include_bytes!("fixtures/bars-examples/referral-request-111-to-ed.xml");
 
 fn b64(text: &str) -> String {

@@ -6,6 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use crate::bars::ids::RequestId;
+use crate::metrics::{IdentityWarningLabel, Metrics};
+
 crate::rejection::label_enum! {
     /// What is unexpected about an identity header that decoded to JSON: the `problem` label.
     pub enum ShapeProblem {
@@ -44,28 +47,54 @@ pub struct IdentityWarning {
     pub problem: ShapeProblem,
 }
 
-/// Lets one warning log line through per interval, whatever the header or problem: a sender with
-/// an odd encoder sends the same odd header on every request, and the counter has the numbers.
+/// Counts identity header warnings and lets one log line through per interval, whatever the
+/// header or problem: a sender with an odd encoder sends the same odd header on every request,
+/// and the counter has the numbers.
 #[derive(Debug)]
-pub struct WarningLogLimiter {
+pub struct WarningReporter {
     started: Instant,
     interval_ms: u64,
     /// Milliseconds since `started` at which the next line may be written.
     next_ms: AtomicU64,
 }
 
-impl WarningLogLimiter {
+impl WarningReporter {
     /// One line per `interval`.
-    pub fn new(interval: std::time::Duration) -> WarningLogLimiter {
-        WarningLogLimiter {
+    pub fn new(interval: std::time::Duration) -> WarningReporter {
+        WarningReporter {
             started: Instant::now(),
             interval_ms: interval.as_millis() as u64,
             next_ms: AtomicU64::new(0),
         }
     }
 
+    /// Counts each of a request's warnings in
+    /// `bars_gateway_identity_header_warnings_total{header,problem}` and logs the first, unless a
+    /// line was written less than an interval ago.
+    pub fn report(&self, metrics: &Metrics, warnings: &[IdentityWarning], request_id: &RequestId) {
+        for warning in warnings {
+            metrics
+                .identity_header_warnings
+                .get_or_create(&IdentityWarningLabel {
+                    header: warning.header,
+                    problem: warning.problem.as_str(),
+                })
+                .inc();
+        }
+        if let Some(first) = warnings.first() {
+            if self.should_log(Instant::now()) {
+                tracing::warn!(
+                    request_id = %request_id,
+                    header = first.header,
+                    problem = first.problem.as_str(),
+                    "identity header forwarded with an unexpected shape (counted in bars_gateway_identity_header_warnings_total; logged at most once a minute)"
+                );
+            }
+        }
+    }
+
     /// Whether a line may be written at `now` (true at most once per interval).
-    pub fn should_log(&self, now: Instant) -> bool {
+    fn should_log(&self, now: Instant) -> bool {
         let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
         let next = self.next_ms.load(Ordering::Relaxed);
         now_ms >= next
@@ -88,7 +117,7 @@ mod tests {
 
     #[test]
     fn one_line_per_interval() {
-        let limiter = WarningLogLimiter::new(Duration::from_secs(60));
+        let limiter = WarningReporter::new(Duration::from_secs(60));
         let t0 = limiter.started;
         assert!(limiter.should_log(t0));
         assert!(!limiter.should_log(t0 + Duration::from_secs(1)));
