@@ -2120,6 +2120,14 @@ mod tests {
                 assert!(refusal.to_string().starts_with(name), "{refusal}");
                 assert_eq!(refusal.status(), 400);
             }
+            // Lenient mode refuses less, never more, and warns only about the changed header.
+            match read_identity_headers(&map, LENIENT) {
+                Err(refusal) => {
+                    assert!(refusal.to_string().starts_with(name), "{refusal}");
+                    assert!(decode_identity_headers(&map, ALL).is_err());
+                }
+                Ok(decoded) => assert!(decoded.warnings.iter().all(|w| w.header == name)),
+            }
         }
     }
 
