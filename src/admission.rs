@@ -25,6 +25,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::rejection::RejectionReason;
+
 /// The 12-byte signature every PROXY protocol v2 header starts with.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// What every PROXY protocol v1 header starts with.
@@ -200,17 +202,22 @@ pub enum AdmissionError {
 }
 
 impl AdmissionError {
+    /// The `reason` of `bars_gateway_rejections_total` this refusal is counted under.
+    pub fn rejection(&self) -> RejectionReason {
+        match self {
+            Self::IpNotAllowed { .. } => RejectionReason::IpNotAllowed,
+            Self::LocalNotAllowed { .. } => RejectionReason::ProxyLocal,
+            Self::ProxyHeaderMissing => RejectionReason::ProxyHeaderMissing,
+            Self::ProxyHeaderUntrusted => RejectionReason::ProxyHeaderUntrusted,
+            Self::ProxyHeaderMalformed(_) => RejectionReason::ProxyHeaderMalformed,
+            Self::ProxyHeaderTimeout => RejectionReason::ProxyHeaderTimeout,
+            Self::Io(_) => RejectionReason::Io,
+        }
+    }
+
     /// The `reason` label of `bars_gateway_rejections_total` and of the refusal log line.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Self::IpNotAllowed { .. } => "ip_not_allowed",
-            Self::LocalNotAllowed { .. } => "proxy_local",
-            Self::ProxyHeaderMissing => "proxy_header_missing",
-            Self::ProxyHeaderUntrusted => "proxy_header_untrusted",
-            Self::ProxyHeaderMalformed(_) => "proxy_header_malformed",
-            Self::ProxyHeaderTimeout => "proxy_header_timeout",
-            Self::Io(_) => "io",
-        }
+        self.rejection().as_str()
     }
 
     /// The client address a refusal is about when known (IpNotAllowed); else log the TCP peer.

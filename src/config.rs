@@ -199,7 +199,9 @@ pub struct UpstreamSettings {
 pub struct BarsSettings {
     /// Path prefix of the base URL registered with BaRS ("" or like "/bars/FHIR/R4").
     pub base_path: String,
-    /// Organisation and Software headers required (except on /metadata and /MessageDefinition).
+    /// Strict mode (DESIGN.md §5a): NHSD-Target-Identifier required except on /metadata,
+    /// Organisation and Software except on /metadata and /MessageDefinition, and every identity
+    /// header shape rule enforced. Off by default (the IG: "optional for the sender").
     pub require_identity_headers: bool,
     /// Accept header major versions served.
     pub accepted_major_versions: Vec<u64>,
@@ -891,7 +893,7 @@ impl Validator {
         }
         Ok(BarsSettings {
             base_path,
-            require_identity_headers: raw.require_identity_headers.unwrap_or(true),
+            require_identity_headers: raw.require_identity_headers.unwrap_or(false),
             accepted_major_versions,
             bars_endpoints,
             extra_prefixes,

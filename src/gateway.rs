@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! accept ─► admission (PROXY header, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
-//!   request ─► route ─► ids ─► identity headers ─► Accept ─► upstream choice ─► forward ─► response
+//!   request ─► ids ─► size ─► route ─► identity headers ─► Accept ─► upstream choice ─► forward ─► response
 //! ```
-//! A refusal at any step becomes an OperationOutcome in `refusal_response`, the only place that
-//! builds one, and every response echoes X-Request-Id and X-Correlation-Id.
+//! A refusal at any step becomes an OperationOutcome in the caller's format in
+//! `bars::render::refusal_response`, the only place that builds one, and every response echoes
+//! X-Request-Id and X-Correlation-Id.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -28,14 +29,17 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
 use crate::audit::{AuditRecord, Peer};
+use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
-use crate::bars::{self, Refusal};
+use crate::bars::warnings::WarningReporter;
+use crate::bars::{self, render, Refusal};
 use crate::config::{BarsSettings, DedupSettings, ListenSettings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
 use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, StatusLabel};
+use crate::rejection::RejectionReason;
 use crate::tls::{self, LoadedTls};
 use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 
@@ -79,6 +83,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Keeps refused-address logs to one line per address per minute.
     pub refusal_log: RefusalLogLimiter,
+    /// Counts identity header warnings and logs one a minute.
+    pub identity_warnings: WarningReporter,
+    /// `[[upstream.route]]` entries exist: the gateway needs NHSD-Target-Identifier's value.
+    pub routes_by_target: bool,
     /// Whether to write one audit record per request.
     pub audit: bool,
     /// HTTP server settings, built once from `[listen]`.
@@ -132,7 +140,7 @@ pub async fn serve_connection(
     let admitted = match admission::admit_peer(&mut stream, peer, &live.admission).await {
         Ok(admitted) => admitted,
         Err(e) => {
-            shared.metrics.reject(e.reason());
+            shared.metrics.reject(e.rejection());
             shared.refusal_log.log_refusal(peer, &e);
             return;
         }
@@ -191,7 +199,7 @@ pub async fn serve_connection(
         return;
     }
     let Some(identity) = tls::client_identity(tls_stream.get_ref().1) else {
-        shared.metrics.reject("no_client_certificate");
+        shared.metrics.reject(RejectionReason::NoClientCertificate);
         return;
     };
     let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
@@ -244,7 +252,7 @@ pub async fn serve_connection(
             }
             expiry = idle.expired() => {
                 if expiry == Expiry::HeaderTimeout {
-                    shared.metrics.reject("header_timeout");
+                    shared.metrics.reject(RejectionReason::HeaderTimeout);
                     tracing::info!(client = %admitted.client, "request header section not received in time; closing");
                     break;
                 }
@@ -291,12 +299,14 @@ async fn handle_request(
     // The sender's whole wait, from the request head to the response head (DESIGN.md §5).
     let deadline = tokio::time::Instant::now() + shared.upstreams.request_timeout();
     let echo = EchoIds::from_headers(request.headers());
+    // The gateway's own answers come in the caller's format (FHIR JSON or XML).
+    let format = bars::accept::response_format(request.headers(), request.uri());
     let mut audit = AuditRecord::new(&conn.peer, &request);
     let mut response = match check_and_forward(shared, conn, request, &mut audit, deadline).await {
         Ok(response) => response,
         Err(refusal) => {
-            shared.metrics.reject(refusal.reason());
-            let response = refusal_response(&refusal);
+            shared.metrics.reject(refusal.outcome().reason);
+            let response = render::refusal_response(&refusal, format);
             audit.refusal = Some(refusal);
             response
         }
@@ -333,6 +343,12 @@ async fn check_and_forward(
         ));
     }
 
+    // Ids: X-Request-Id and X-Correlation-Id present and UUIDs (400), first and "without
+    // exception" (BaRS IG): before the size, path and method checks.
+    let ids = bars::ids::read_request_ids(request.headers())?;
+    audit.request_id = Some(ids.request_id);
+    audit.correlation_id = Some(ids.correlation_id);
+
     // Size: the header section within listen.max_header_bytes (431).
     check_header_section(&request, shared.listen.max_header_bytes)?;
 
@@ -342,18 +358,20 @@ async fn check_and_forward(
         .resolve(request.method(), request.uri(), request.version())?;
     audit.endpoint = Some(route.endpoint.name());
 
-    // Ids: X-Request-Id and X-Correlation-Id present and UUIDs (400).
-    let ids = bars::ids::read_request_ids(request.headers())?;
-    audit.request_id = Some(ids.request_id);
-    audit.correlation_id = Some(ids.correlation_id);
-
-    // Identity headers: NHSD-* decoded and validated, required per endpoint (400).
-    let identity = bars::identity::decode_identity_headers(
+    // Identity headers: NHSD-* decoded (400 when not Base64 JSON), required per endpoint and mode
+    // (400); an unexpected shape is forwarded and counted unless strict or needed (§5a).
+    let strict = shared.bars.require_identity_headers;
+    let identity = bars::identity::read_identity_headers(
         request.headers(),
-        route
-            .endpoint
-            .identity_requirements(shared.bars.require_identity_headers),
+        IdentityPolicy {
+            required: route.endpoint.identity_requirements(strict),
+            strict,
+            target_needed: shared.routes_by_target,
+        },
     )?;
+    shared
+        .identity_warnings
+        .report(&shared.metrics, &identity.warnings, &ids.request_id);
     audit.target = identity.target.as_ref().map(|t| t.to_string());
     audit.ods_code = identity.organisation.as_ref().map(|o| o.ods_code.0.clone());
     audit.software = identity.software.as_ref().and_then(|s| s.id.clone());
@@ -441,25 +459,6 @@ fn check_header_section(request: &Request<Incoming>, limit: usize) -> Result<(),
         return Err(Refusal::HeadersTooLarge { limit });
     }
     Ok(())
-}
-
-/// Renders a refusal as the HTTP response the client gets: the one place that does.
-pub fn refusal_response(refusal: &Refusal) -> Response<GatewayBody> {
-    let body = serde_json::to_vec(&refusal.to_operation_outcome()).unwrap_or_default();
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = refusal.status();
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    if let Some(allow) = refusal.allow().and_then(header_value) {
-        response.headers_mut().insert(ALLOW, allow);
-    }
-    response
 }
 
 fn header_value(text: &str) -> Option<HeaderValue> {

@@ -17,6 +17,7 @@ pub mod framing;
 pub mod gateway;
 pub mod idle;
 pub mod metrics;
+pub mod rejection;
 pub mod reload;
 pub mod tls;
 pub mod upstream;
@@ -154,6 +155,8 @@ impl Gateway {
             listen: settings.listen.clone(),
             metrics,
             refusal_log: RefusalLogLimiter::new(Duration::from_secs(60), 10_000),
+            identity_warnings: bars::warnings::WarningReporter::new(Duration::from_secs(60)),
+            routes_by_target: !settings.upstream.routes.is_empty(),
             audit: settings.log.audit,
             http: Shared::http_builder(&settings.listen),
         });
@@ -242,7 +245,9 @@ impl Gateway {
                 _ = &mut shutdown => break,
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
-                shared.metrics.reject("max_connections");
+                shared
+                    .metrics
+                    .reject(rejection::RejectionReason::MaxConnections);
                 if shared.refusal_log.should_log(peer.ip(), Instant::now()) {
                     tracing::warn!(peer = %peer, reason = "max_connections", "connection refused");
                 }

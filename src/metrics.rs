@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::rejection::RejectionReason;
 use crate::tls::LoadedTls;
 
 /// `{status}` label.
@@ -23,6 +24,15 @@ pub struct StatusLabel {
 pub struct ReasonLabel {
     /// Low-cardinality reason.
     pub reason: &'static str,
+}
+
+/// `{header, problem}` labels of `identity_header_warnings_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityWarningLabel {
+    /// The identity header's canonical name, e.g. `NHSD-End-User-Organisation`.
+    pub header: &'static str,
+    /// A `bars::warnings::ShapeProblem` label, e.g. `no_ods_code`.
+    pub problem: &'static str,
 }
 
 /// `{outcome}` label.
@@ -83,6 +93,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Exchanges with the legacy system that gave no usable answer, by kind.
     pub upstream_failures: Family<KindLabel, Counter>,
+    /// Identity headers forwarded although their shape is unexpected (DESIGN.md §5a).
+    pub identity_header_warnings: Family<IdentityWarningLabel, Counter>,
 }
 
 /// `{kind}` label.
@@ -120,6 +132,7 @@ impl Metrics {
             connections_open: Gauge::default(),
             ready: Gauge::default(),
             upstream_failures: Family::default(),
+            identity_header_warnings: Family::default(),
         };
         for kind in UPSTREAM_FAILURE_KINDS {
             drop(m.upstream_failures.get_or_create(&KindLabel { kind }));
@@ -176,6 +189,11 @@ impl Metrics {
             m.upstream_failures.clone(),
         );
         registry.register(
+            "identity_header_warnings",
+            "Identity headers forwarded although their shape is unexpected, by header and problem",
+            m.identity_header_warnings.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -191,8 +209,12 @@ impl Metrics {
     }
 
     /// Counts a refusal of a connection or request.
-    pub fn reject(&self, reason: &'static str) {
-        self.rejections.get_or_create(&ReasonLabel { reason }).inc();
+    pub fn reject(&self, reason: RejectionReason) {
+        self.rejections
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// Sets the expiry gauges from freshly loaded TLS material (replacing the old set).

@@ -391,16 +391,27 @@ async fn allowed_paths_extra_prefix_is_forwarded_with_any_method() {
         )
         .await;
     }
-    // Extra paths are checked like write endpoints: identity headers required.
-    refused(
+    // Extra paths are checked like write endpoints: the same identity rules (by default the
+    // ids only; strict mode requires the identity headers there too).
+    forwarded(
         &rig,
+        without(request("GET", "/Patient/9"), "nhsd-requesting-software"),
+    )
+    .await;
+    assert_eq!(rig.upstream.count(), 4);
+    let strict = rig_with_config(
+        "",
+        "[bars]\nallowed_paths = [\"bars\", \"/Patient\"]\nrequire_identity_headers = true",
+    )
+    .await;
+    refused(
+        &strict,
         without(request("GET", "/Patient/9"), "nhsd-requesting-software"),
         400,
         "REC_BAD_REQUEST",
         "invalid",
     )
     .await;
-    assert_eq!(rig.upstream.count(), 3);
 }
 
 // ---- ids ------------------------------------------------------------------------------------
@@ -744,9 +755,26 @@ fn bad_values() -> Vec<BadValue> {
     cases
 }
 
+/// A gateway in strict mode (`bars.require_identity_headers = true`).
+async fn strict_rig() -> Rig {
+    Rig::start_with(|s| s.bars.require_identity_headers = true).await
+}
+
+/// The problems that are refused in every mode: the value is not Base64 of a JSON text, or the
+/// header is sent twice. The rest are shape problems, refused only in strict mode.
+const UNDECODABLE: [&str; 7] = [
+    "is not valid Base64",
+    "is not valid JSON",
+    "is not UTF-8",
+    "is too long",
+    "is empty",
+    "sent more than once",
+    "is nested too deeply",
+];
+
 #[tokio::test]
-async fn bad_identity_header_values_get_400_value_naming_header_and_rule() {
-    let rig = Rig::start().await;
+async fn bad_identity_header_values_get_400_value_naming_header_and_rule_in_strict_mode() {
+    let rig = strict_rig().await;
     let cases = bad_values();
     assert!(cases.len() >= 4 * 11, "{} cases", cases.len());
     for case in cases {
@@ -788,8 +816,51 @@ async fn bad_identity_header_values_get_400_value_naming_header_and_rule() {
 }
 
 #[tokio::test]
-async fn missing_required_identity_headers_get_400_invalid() {
+async fn by_default_undecodable_identity_headers_get_400_and_odd_shapes_are_forwarded() {
     let rig = Rig::start().await;
+    let mut shapes = 0;
+    for case in bad_values() {
+        let base = request("POST", "/$process-message");
+        let req = if case.twice {
+            append(base, case.header, &case.value)
+        } else {
+            set(base, case.header, &case.value)
+        };
+        let context = format!("{} / {}", case.header, case.case);
+        if UNDECODABLE.contains(&case.problem.as_str()) {
+            let reply = refused(&rig, req, 400, "REC_BAD_REQUEST", "value").await;
+            assert_eq!(
+                reply.diagnostics(),
+                format!("{} header is malformed: {}", case.header, case.problem),
+                "{context}"
+            );
+            continue;
+        }
+        shapes += 1;
+        let (_, seen) = forwarded(&rig, req).await;
+        // Forwarded untouched, and nothing derived from the header it came in.
+        let key = header_name(case.header);
+        assert_eq!(seen.headers[&key].as_bytes(), &case.value[..], "{context}");
+        if case.header == TARGET && case.case == "numeric value" {
+            // Not odd at all by default: the proxy routes a numeric value.
+            assert_eq!(
+                seen.headers["x-bars-target"],
+                format!("{DOS_SYSTEM}|{SECRET}"),
+                "{context}"
+            );
+        } else if case.header == TARGET {
+            assert!(seen.headers.get("x-bars-target").is_none(), "{context}");
+        }
+        if case.header == ORGANISATION {
+            assert!(seen.headers.get("x-bars-ods-code").is_none(), "{context}");
+        }
+    }
+    assert!(shapes >= 4 * 2, "{shapes} shape cases");
+}
+
+#[tokio::test]
+async fn missing_required_identity_headers_get_400_invalid_in_strict_mode() {
+    let rig = strict_rig().await;
     for (key, name) in [
         ("nhsd-target-identifier", TARGET),
         ("nhsd-end-user-organisation", ORGANISATION),
@@ -961,9 +1032,9 @@ async fn message_definition_is_served_without_organisation_or_software() {
 }
 
 #[tokio::test]
-async fn organisation_and_software_are_optional_when_not_required_by_config() {
-    let strict = Rig::start().await;
-    let lenient = Rig::start_with(|s| s.bars.require_identity_headers = false).await;
+async fn organisation_and_software_are_optional_unless_strict_mode_requires_them() {
+    let strict = strict_rig().await;
+    let lenient = Rig::start().await;
     let bare = || {
         without(
             without(
@@ -976,13 +1047,16 @@ async fn organisation_and_software_are_optional_when_not_required_by_config() {
     let reply = refused(&strict, bare(), 400, "REC_BAD_REQUEST", "invalid").await;
     assert_diagnostics(&reply, "NHSD-End-User-Organisation header is missing", &[]);
     forwarded(&lenient, bare()).await;
-    // Optional does not mean unchecked, and the target stays required.
-    let req = set(bare(), "nhsd-requesting-software", b64("[]"));
+    // Optional does not mean unchecked: what is not Base64 JSON is refused in every mode.
+    let req = set(bare(), "nhsd-requesting-software", "@@");
     refused(&lenient, req, 400, "REC_BAD_REQUEST", "value").await;
+    // The target is required in strict mode only (the default upstream needs none).
     let req = without(bare(), "nhsd-target-identifier");
-    refused(&lenient, req, 400, "REC_BAD_REQUEST", "invalid").await;
+    refused(&strict, req, 400, "REC_BAD_REQUEST", "invalid").await;
+    let req = without(bare(), "nhsd-target-identifier");
+    forwarded(&lenient, req).await;
     assert_eq!(strict.upstream.count(), 0);
-    assert_eq!(lenient.upstream.count(), 1);
+    assert_eq!(lenient.upstream.count(), 2);
 }
 
 // ---- Accept ---------------------------------------------------------------------------------
@@ -993,7 +1067,7 @@ async fn unsupported_accept_major_version_gets_406_processing() {
     for accept in [
         "application/fhir+json; version=2.0.0",
         "application/fhir+json; version=0.9",
-        "application/fhir+xml; version=2",
+        "application/fhir+json; version=2",
         "application/fhir+json; version=1.4.0; q=0, application/fhir+json; version=2.0.0",
         "text/html",
     ] {
@@ -1005,16 +1079,16 @@ async fn unsupported_accept_major_version_gets_406_processing() {
             &[],
         );
     }
-    // A version that is no version is a malformed header, not a negotiation failure.
+    // A version that cannot be read cannot be served either: 406, not 400.
     let req = set(
         request("POST", "/$process-message"),
         "accept",
         "application/fhir+json; version=one",
     );
-    let reply = refused(&rig, req, 400, "REC_BAD_REQUEST", "value").await;
+    let reply = refused(&rig, req, 406, "REC_NOT_ACCEPTABLE", "processing").await;
     assert_diagnostics(
         &reply,
-        "Accept header is malformed: version parameter is not a version number (expected X.Y.Z)",
+        "Accept asks for an unsupported version; supported major versions: 1",
         &[],
     );
     assert_eq!(rig.upstream.count(), 0);
@@ -1245,8 +1319,6 @@ fn every_refusal() -> Vec<Refusal> {
             problem: "is not valid Base64".into(),
         },
         Refusal::InvalidRequest("Dot-segments are not allowed in the path".into()),
-        Refusal::Unauthorized("The caller's organisation may not use this service".into()),
-        Refusal::Forbidden,
         Refusal::NotFound,
         Refusal::UnknownTarget,
         Refusal::MethodNotAllowed {
@@ -1265,7 +1337,6 @@ fn every_refusal() -> Vec<Refusal> {
         Refusal::BodyTooLarge { limit: 10485760 },
         Refusal::IdReused,
         Refusal::InFlight,
-        Refusal::Throttled,
         Refusal::Internal,
         Refusal::UpstreamUnavailable,
         Refusal::StoreUnavailable,
@@ -1279,8 +1350,6 @@ fn every_refusal() -> Vec<Refusal> {
             Refusal::MissingHeader { .. }
             | Refusal::MalformedHeader { .. }
             | Refusal::InvalidRequest(_)
-            | Refusal::Unauthorized(_)
-            | Refusal::Forbidden
             | Refusal::NotFound
             | Refusal::UnknownTarget
             | Refusal::MethodNotAllowed { .. }
@@ -1292,7 +1361,6 @@ fn every_refusal() -> Vec<Refusal> {
             | Refusal::BodyTooLarge { .. }
             | Refusal::IdReused
             | Refusal::InFlight
-            | Refusal::Throttled
             | Refusal::Internal
             | Refusal::UpstreamUnavailable
             | Refusal::StoreUnavailable
@@ -1303,10 +1371,13 @@ fn every_refusal() -> Vec<Refusal> {
     all
 }
 
-/// Parses every `*.json` in argv[1] with the fhir.resources OperationOutcome model (R4B, else R4);
-/// files named `broken-*` must be rejected (proof the check can fail). Exit 77: package missing.
+/// Parses every `*.json` and `*.xml` in argv[1] with the fhir.resources OperationOutcome model
+/// (R4B, else R4; its XML parser needs lxml). For XML it also checks that the element order is the
+/// model's own (FHIR's) and, when a `.json` twin exists, that the XML says exactly what the JSON
+/// says. Files named `broken-*` must be rejected (proof the check can fail). Exit 77: a package is
+/// missing.
 const FHIR_CHECK: &str = r#"
-import pathlib, sys
+import json, pathlib, sys
 try:
     from fhir.resources.R4B.operationoutcome import OperationOutcome, OperationOutcomeIssue
     release = "R4B"
@@ -1318,10 +1389,30 @@ except ImportError:
         sys.exit(77)
 import fhir.resources
 
-def parse(text):
-    if hasattr(OperationOutcome, "model_validate_json"):
-        return OperationOutcome.model_validate_json(text)
-    return OperationOutcome.parse_raw(text)
+directory = pathlib.Path(sys.argv[1])
+files = sorted(directory.glob("*.json")) + sorted(directory.glob("*.xml"))
+if any(path.suffix == ".xml" for path in files):
+    try:
+        from lxml import etree
+    except ImportError:
+        sys.exit(77)
+
+def parse(path):
+    if path.suffix == ".json":
+        if hasattr(OperationOutcome, "model_validate_json"):
+            return OperationOutcome.model_validate_json(path.read_text())
+        return OperationOutcome.parse_raw(path.read_text())
+    raw = path.read_bytes()
+    oo = OperationOutcome.model_validate_xml(raw)
+    mine = [e.tag for e in etree.fromstring(raw).iter()]
+    canonical = [e.tag for e in etree.fromstring(oo.model_dump_xml()).iter()]
+    assert mine == canonical, "element order %s, FHIR order %s" % (mine, canonical)
+    twin = path.with_suffix(".json")
+    if twin.exists():
+        said = json.loads(oo.model_dump_json())
+        expected = json.loads(twin.read_text())
+        assert said == expected, "XML says %s, JSON says %s" % (said, expected)
+    return oo
 
 # The package types the fields but does not enforce value-set bindings; it publishes the
 # IssueSeverity codes as field metadata, so check that binding with its own list.
@@ -1330,11 +1421,10 @@ extra = getattr(fields.get("severity"), "json_schema_extra", None) or {}
 severities = extra.get("enum_values")
 
 failures = 0
-files = sorted(pathlib.Path(sys.argv[1]).glob("*.json"))
 for path in files:
     broken = path.name.startswith("broken-")
     try:
-        oo = parse(path.read_text())
+        oo = parse(path)
         assert oo.issue, "issue must not be empty"
         for issue in oo.issue:
             assert severities is None or issue.severity in severities, "severity " + issue.severity
@@ -1342,7 +1432,7 @@ for path in files:
         detail = ""
     except Exception as e:
         ok = False
-        detail = str(e).replace("\n", " | ")[:300]
+        detail = (type(e).__name__ + ": " + str(e)).replace("\n", " | ")[:300]
     if ok == broken:
         failures += 1
         print("UNEXPECTED", "accepted" if ok else "rejected", path.name, detail)
@@ -1387,7 +1477,74 @@ async fn operation_outcomes_parse_with_an_independent_fhir_model() {
     run_fhir_check(dir.path());
 }
 
+// ---- the same OperationOutcomes in FHIR XML -------------------------------------------------
+
+#[tokio::test]
+async fn xml_operation_outcomes_parse_with_fhir_resources_and_say_what_the_json_says() {
+    use bars_gateway::bars::render::{operation_outcome, Format};
+    let dir = tempfile::tempdir().unwrap();
+    for (i, refusal) in every_refusal().iter().enumerate() {
+        let xml = String::from_utf8(operation_outcome(refusal, Format::Xml)).unwrap();
+        let mut json = refusal.to_operation_outcome();
+        json["id"] = json!(fhir_xml_value(&xml, "id"));
+        let name = format!("refusal-{i:02}-{}", refusal.reason());
+        std::fs::write(dir.path().join(format!("{name}.xml")), &xml).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{name}.json")),
+            serde_json::to_vec(&json).unwrap(),
+        )
+        .unwrap();
+    }
+    // Diagnostics with every character XML escapes.
+    let tricky = Refusal::InvalidRequest("a & <b> \"c\" 'd'".into());
+    std::fs::write(
+        dir.path().join("escaped.xml"),
+        operation_outcome(&tricky, Format::Xml),
+    )
+    .unwrap();
+    // One real refusal, exactly as the gateway sent it.
+    let rig = Rig::start().await;
+    let req = set(
+        set(
+            request("POST", "/$process-message"),
+            "nhsd-target-identifier",
+            "this-is-not-base-64",
+        ),
+        "accept",
+        "application/fhir+xml; version=1.0.0",
+    );
+    let reply = rig.send(req).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.headers["content-type"], "application/fhir+xml");
+    std::fs::write(dir.path().join("gateway-400.xml"), &reply.body).unwrap();
+    // Controls the checker must reject: a misspelt element, elements out of order, no namespace.
+    let good = String::from_utf8(operation_outcome(&Refusal::NotFound, Format::Xml)).unwrap();
+    let broken = [
+        ("misspelt", good.replace("<diagnostics ", "<diagnostic ")),
+        (
+            "order",
+            good.replace(
+                r#"<severity value="error"/><code value="not-found"/>"#,
+                r#"<code value="not-found"/><severity value="error"/>"#,
+            ),
+        ),
+        (
+            "namespace",
+            good.replace(r#" xmlns="http://hl7.org/fhir""#, ""),
+        ),
+        ("severity", good.replace(r#""error""#, r#""catastrophic""#)),
+    ];
+    for (name, xml) in broken {
+        assert_ne!(xml, good, "{name}: the control changed nothing");
+        std::fs::write(dir.path().join(format!("broken-{name}.xml")), xml).unwrap();
+    }
+    run_fhir_check(dir.path());
+}
+
+/// Runs [`FHIR_CHECK`] over `dir`: SKIPPED without python3, fhir.resources or lxml, except under
+/// CI, which installs them.
 fn run_fhir_check(dir: &Path) {
+    let packages = "fhir.resources and lxml";
     let output = match Command::new("python3")
         .arg("-c")
         .arg(FHIR_CHECK)
@@ -1396,26 +1553,28 @@ fn run_fhir_check(dir: &Path) {
     {
         Ok(output) => output,
         Err(e) => {
-            eprintln!(
-                "\n*** SKIPPED: FHIR conformance check: cannot run python3 ({e}); \
-                 install Python 3 and then: pip install fhir.resources ***\n"
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the FHIR check: cannot run python3 ({e})"
             );
+            eprintln!("\n*** SKIPPED: FHIR conformance check: cannot run python3 ({e}) ***\n");
             return;
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if output.status.code() == Some(77) {
-        eprintln!(
-            "\n*** SKIPPED: FHIR conformance check: the Python package fhir.resources is missing; \
-             install with pip install fhir.resources ***\n"
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the FHIR check: install {packages}"
         );
+        eprintln!("\n*** SKIPPED: FHIR conformance check: install {packages} (pip) ***\n");
         return;
     }
     eprintln!("{stdout}");
     assert!(
         output.status.success(),
-        "fhir.resources refused an OperationOutcome:\n{stdout}\n{stderr}"
+        "the FHIR check refused an OperationOutcome:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains(" 0 unexpected"), "{stdout}");
 }

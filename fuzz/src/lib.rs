@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bars_gateway::admission::{read_proxy_header, V2_MAX_PAYLOAD};
 use bars_gateway::bars::identity::{
-    decode_identity_headers, IdentityRequirements, NHSD_END_USER_ORGANISATION,
+    read_identity_headers, IdentityPolicy, IdentityRequirements, NHSD_END_USER_ORGANISATION,
     NHSD_REQUESTING_PRACTITIONER, NHSD_REQUESTING_SOFTWARE, NHSD_TARGET_IDENTIFIER,
 };
 use bars_gateway::config::Settings;
@@ -33,16 +33,19 @@ const IDENTITY_HEADERS: [&str; 4] = [
     NHSD_REQUESTING_PRACTITIONER,
 ];
 
-/// `decode_identity_headers` over a header map built from the input.
+/// `read_identity_headers` over a header map built from the input.
 ///
 /// Input: one flags byte, then header values separated by `\n` (which no header value can
 /// hold). Flags bits 0–2 make the target, organisation and software headers required; bit 3
 /// Base64-encodes each value first, so the fuzzer explores the JSON and FHIR-shape rules
-/// directly instead of having to discover Base64.
+/// directly instead of having to discover Base64; bit 4 reads in the default lenient mode
+/// instead of strict mode, bit 5 then marks the target as needed for routing.
 ///
-/// Asserts: a required header is present in every success, and the values the gateway forwards
-/// (`X-BaRS-Target`, `X-BaRS-Ods-Code`) are always valid header values: the pipeline turns them
-/// into headers with `HeaderValue::from_str(..).ok()`, so an invalid one would silently vanish.
+/// Asserts: a required header is present in every success (read, or in lenient mode reported as
+/// a warning), strict mode and a needed target never end in a warning, and the values the
+/// gateway forwards (`X-BaRS-Target`, `X-BaRS-Ods-Code`) are always valid header values: the
+/// pipeline turns them into headers with `HeaderValue::from_str(..).ok()`, so an invalid one
+/// would silently vanish.
 pub fn identity_headers(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
@@ -64,12 +67,24 @@ pub fn identity_headers(data: &[u8]) {
             headers.append(IDENTITY_HEADERS[i % 4], value);
         }
     }
-    let Ok(decoded) = decode_identity_headers(&headers, required) else {
+    let policy = IdentityPolicy {
+        required,
+        strict: flags & 16 == 0,
+        target_needed: flags & 32 != 0,
+    };
+    let Ok(decoded) = read_identity_headers(&headers, policy) else {
         return;
     };
-    assert!(!required.target || decoded.target.is_some());
-    assert!(!required.organisation || decoded.organisation.is_some());
-    assert!(!required.software || decoded.software.is_some());
+    let warned = |header: &str| decoded.warnings.iter().any(|w| w.header == header);
+    assert!(!policy.strict || decoded.warnings.is_empty());
+    assert!(!policy.target_needed || !warned(NHSD_TARGET_IDENTIFIER));
+    assert!(!required.target || decoded.target.is_some() || warned(NHSD_TARGET_IDENTIFIER));
+    assert!(
+        !required.organisation
+            || decoded.organisation.is_some()
+            || warned(NHSD_END_USER_ORGANISATION)
+    );
+    assert!(!required.software || decoded.software.is_some() || warned(NHSD_REQUESTING_SOFTWARE));
     if let Some(target) = &decoded.target {
         assert!(!target.system.contains('|'), "ambiguous route key");
         assert!(

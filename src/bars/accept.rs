@@ -10,6 +10,7 @@
 use http::HeaderMap;
 
 use crate::bars::errors::Refusal;
+use crate::bars::render::Format;
 
 /// The header name as diagnostics spell it.
 const ACCEPT: &str = "Accept";
@@ -22,8 +23,10 @@ const DEFAULT_MAJOR: u64 = 1;
 /// `application/fhir+json` / `application/fhir+xml` whose `version` major (default 1) is in
 /// `accepted_major_versions`. Ranges with `q=0` are refusals and never count.
 ///
-/// Otherwise `NotAcceptable` (406) listing the supported majors; a `version` that is not a number
-/// (`X`, `X.Y` or `X.Y.Z`) is `MalformedHeader` (400), wherever it appears in the header.
+/// Otherwise `NotAcceptable` (406) listing the supported majors. A `version` is matched by its
+/// major, pre-release suffixes included (`1.4.0-alpha` is major 1: the IG's own version strings
+/// have them); a range whose `version` cannot be read at all cannot be served, so it does not
+/// count, and alone it gets the 406 too.
 pub fn check_accept(headers: &HeaderMap, accepted_major_versions: &[u64]) -> Result<(), Refusal> {
     let mut seen_range = false;
     let mut acceptable = false;
@@ -84,9 +87,10 @@ fn range_is_acceptable(range: &str, accepted: &[u64]) -> Result<bool, Refusal> {
         if name.eq_ignore_ascii_case("q") {
             refused = is_zero_quality(value);
         } else if name.eq_ignore_ascii_case("version") && is_fhir {
-            major = parse_major(value).ok_or_else(|| {
-                malformed("version parameter is not a version number (expected X.Y.Z)")
-            })?;
+            match parse_major(value) {
+                Some(m) => major = m,
+                None => refused = true,
+            }
         }
     }
     if refused {
@@ -95,9 +99,26 @@ fn range_is_acceptable(range: &str, accepted: &[u64]) -> Result<bool, Refusal> {
     Ok(is_generic || (is_fhir && accepted.contains(&major)))
 }
 
-/// The major of `X`, `X.Y` or `X.Y.Z` (decimal digits only), or `None`.
+/// The major of `X`, `X.Y` or `X.Y.Z` (decimal digits), optionally followed by a semver
+/// pre-release (`-alpha`, `-beta.2`, `-rc1`) and build metadata (`+build.5`), or `None`.
 fn parse_major(version: &str) -> Option<u64> {
-    let mut numbers = version.split('.');
+    let (version, build) = match version.split_once('+') {
+        Some((version, build)) => (version, Some(build)),
+        None => (version, None),
+    };
+    let (core, pre_release) = match version.split_once('-') {
+        Some((core, pre_release)) => (core, Some(pre_release)),
+        None => (version, None),
+    };
+    let identifiers = |suffix: &str| {
+        suffix
+            .split('.')
+            .all(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    if !pre_release.is_none_or(identifiers) || !build.is_none_or(identifiers) {
+        return None;
+    }
+    let mut numbers = core.split('.');
     let major = numbers.next()?;
     let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
     if !all_digits(major) {
@@ -111,6 +132,72 @@ fn parse_major(version: &str) -> Option<u64> {
         }
     }
     major.parse().ok()
+}
+
+/// The format of the gateway's own answers (DESIGN.md §5a): FHIR XML when the query's `_format`
+/// names XML (it overrides `Accept`, as in FHIR's REST API), or when `Accept` prefers
+/// `application/fhir+xml` (or `application/xml`, `text/xml`) over the JSON types, by weight and
+/// then order; FHIR JSON otherwise, `*/*` and no `Accept` included.
+pub fn response_format(headers: &HeaderMap, uri: &http::Uri) -> Format {
+    if let Some(format) = uri.query().and_then(format_parameter) {
+        return format;
+    }
+    // (weight, position) of the best XML and the best JSON range.
+    let mut best: [Option<(f32, usize)>; 2] = [None, None];
+    let mut position = 0;
+    for value in headers.get_all(http::header::ACCEPT) {
+        let Ok(text) = value.to_str() else {
+            continue;
+        };
+        for range in split_ranges(strip_single_quotes(text.trim())) {
+            position += 1;
+            let mut parts = split_outside_quotes(strip_single_quotes(range.trim()), b';');
+            // Compared without lower-casing a copy: this runs on every request.
+            let media_type = parts.next().unwrap_or("").trim();
+            let is = |types: &[&str]| types.iter().any(|t| media_type.eq_ignore_ascii_case(t));
+            let slot = if is(&["application/fhir+xml", "application/xml", "text/xml"]) {
+                0
+            } else if is(&["application/fhir+json", "application/json"]) {
+                1
+            } else {
+                continue;
+            };
+            let weight = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, q)| unquote(q.trim()).parse().unwrap_or(0.0));
+            if weight > 0.0 && best[slot].is_none_or(|(w, _)| weight > w) {
+                best[slot] = Some((weight, position));
+            }
+        }
+    }
+    match best {
+        [Some((xml, at_xml)), Some((json, at_json))]
+            if xml > json || (xml == json && at_xml < at_json) =>
+        {
+            Format::Xml
+        }
+        [Some(_), None] => Format::Xml,
+        _ => Format::Json,
+    }
+}
+
+/// The `_format` query parameter's format, when it names one (`xml`, `json` or a media type,
+/// perhaps percent-encoded: `application/fhir%2Bxml`).
+fn format_parameter(query: &str) -> Option<Format> {
+    let value = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "_format")?
+        .1
+        .to_ascii_lowercase();
+    if value.ends_with("xml") {
+        Some(Format::Xml)
+    } else if value.ends_with("json") {
+        Some(Format::Json)
+    } else {
+        None
+    }
 }
 
 /// `q=0`, `q=0.0`, ... (RFC 9110 §12.4.2: weight 0 means "not acceptable").
@@ -356,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn version_that_is_not_a_number_is_malformed() {
+    fn version_that_cannot_be_read_gets_406_not_400() {
         for value in [
             "application/fhir+json; version=abc",
             "application/fhir+json; version=",
@@ -364,12 +451,77 @@ mod tests {
             "application/fhir+json; version=v1.0.0",
             "application/fhir+json; version=1..0",
             "application/fhir+json; version=1.0.0.0",
-            "application/fhir+json; version=1.0.0-beta",
+            "application/fhir+json; version=1.0.0-",
+            "application/fhir+json; version=1.0.0-beta..1",
+            "application/fhir+json; version=1.0.0-be_ta",
+            "application/fhir+json; version=1.0.0+",
             "application/fhir+json; version=-1",
             "application/fhir+json; version=99999999999999999999999.0.0",
-            "*/*, application/fhir+json; version=one",
         ] {
-            assert_malformed(check(value));
+            assert_not_acceptable(check(value), "1");
+        }
+        // Another range that can be served still serves.
+        assert_eq!(check("*/*, application/fhir+json; version=one"), Ok(()));
+    }
+
+    #[test]
+    fn pre_release_versions_are_matched_by_major() {
+        for value in [
+            "application/fhir+json; version=1.4.0-alpha",
+            "application/fhir+json; version=1.4.0-beta.2",
+            "application/fhir+json; version=1.0.0-rc1",
+            "application/fhir+json; version=1.2.0-rc.1+build.5",
+            "application/fhir+xml; version=1.4.0-alpha",
+            "application/fhir+json; version=\"1.4.0-alpha\"",
+        ] {
+            assert_eq!(check(value), Ok(()), "{value}");
+        }
+        assert_not_acceptable(check("application/fhir+json; version=2.0.0-alpha"), "1");
+    }
+
+    fn format_of(accept_values: &[&str], uri: &str) -> Format {
+        response_format(&accept(accept_values), &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn xml_is_answered_when_the_caller_prefers_it() {
+        for (values, uri) in [
+            (&["application/fhir+xml"][..], "/metadata"),
+            (&["application/fhir+xml; version=1.0.0"], "/metadata"),
+            (&["'application/fhir+xml; version=1.0.0'"], "/metadata"),
+            (&["application/xml"], "/"),
+            (&["text/xml, application/fhir+json;q=0.5"], "/"),
+            (
+                &["application/fhir+json;q=0.5", "application/fhir+xml"],
+                "/",
+            ),
+            (&["application/fhir+xml, application/fhir+json"], "/"),
+            (&["*/*, application/fhir+xml"], "/"),
+            (&[], "/Slot?_format=xml"),
+            (
+                &["application/fhir+json"],
+                "/Slot?a=1&_format=application/fhir%2Bxml",
+            ),
+            (&[], "/Slot?_format=text/xml"),
+        ] {
+            assert_eq!(format_of(values, uri), Format::Xml, "{values:?} {uri}");
+        }
+    }
+
+    #[test]
+    fn json_is_answered_otherwise() {
+        for (values, uri) in [
+            (&[][..], "/metadata"),
+            (&["*/*"], "/"),
+            (&["application/fhir+json; version=1.0.0"], "/"),
+            (&["application/fhir+json, application/fhir+xml"], "/"),
+            (&["application/fhir+xml;q=0.5, application/json"], "/"),
+            (&["application/fhir+xml;q=0"], "/"),
+            (&["text/html"], "/"),
+            (&["application/fhir+xml"], "/Slot?_format=json"),
+            (&[], "/Slot?_format=html"),
+        ] {
+            assert_eq!(format_of(values, uri), Format::Json, "{values:?} {uri}");
         }
     }
 
@@ -403,6 +555,9 @@ mod tests {
         assert_eq!(parse_major("12"), Some(12));
         assert_eq!(parse_major("2.0"), Some(2));
         assert_eq!(parse_major("1.4.0.1"), None);
+        assert_eq!(parse_major("1.4.0-alpha"), Some(1));
+        assert_eq!(parse_major("3.0.0-rc.1+20261201"), Some(3));
+        assert_eq!(parse_major("1-alpha"), Some(1));
         assert_eq!(parse_major(" 1"), None);
     }
 }

@@ -2,7 +2,35 @@
 //! `OperationOutcome` (BaRS error codes, BARS-CONTEXT.md "Errors").
 
 use http::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::rejection::RejectionReason;
+
+const BAD_REQUEST: &str = "REC_BAD_REQUEST";
+const UNAVAILABLE: &str = "REC_SERVICE_UNAVAILABLE";
+
+/// The status a replayed 4xx is answered with: the original's, kept within 4xx.
+fn replayed_status(status: u16) -> u16 {
+    if (400..500).contains(&status) {
+        status
+    } else {
+        400
+    }
+}
+
+/// The BaRS code a receiver's 4xx status carries (BARS-CONTEXT.md "Errors"); 400 for the rest.
+fn code_of_4xx(status: u16) -> &'static str {
+    match status {
+        401 => "REC_UNAUTHORIZED",
+        403 => "REC_FORBIDDEN",
+        404 => "REC_NOT_FOUND",
+        405 => "REC_METHOD_NOT_ALLOWED",
+        406 => "REC_NOT_ACCEPTABLE",
+        409 => "REC_CONFLICT",
+        422 => "REC_UNPROCESSABLE_ENTITY",
+        _ => BAD_REQUEST,
+    }
+}
 
 /// The canonical code system of the BaRS HTTP error codes (published examples often write
 /// `Codesystem`; the CodeSystem's canonical URL is this one).
@@ -13,7 +41,8 @@ pub const OPERATION_OUTCOME_PROFILE: &str =
     "https://fhir.hl7.org.uk/StructureDefinition/UKCore-OperationOutcome";
 
 /// A request the gateway answers itself instead of forwarding. Each variant is one BaRS outcome;
-/// [`Refusal::to_operation_outcome`] is the only place they become wire format.
+/// [`Refusal::outcome`] is their one table and `bars::render` the one place they become wire format
+/// (JSON or XML).
 ///
 /// Diagnostics are short, name the header or rule, and never echo decoded header content, bodies or
 /// patient data.
@@ -36,13 +65,6 @@ pub enum Refusal {
     /// The request itself is not acceptable (400 REC_BAD_REQUEST / invalid): path or framing.
     #[error("{0}")]
     InvalidRequest(String),
-    /// Access control on the identity headers refused the caller (401 REC_UNAUTHORIZED / security).
-    #[error("{0}")]
-    Unauthorized(String),
-    /// No client identity reached the request (403 REC_FORBIDDEN / forbidden); TLS-MA failures
-    /// normally end in the handshake and never get this far.
-    #[error("TLS-MA failure")]
-    Forbidden,
     /// Unknown path (404 REC_NOT_FOUND / not-found).
     #[error("No BaRS endpoint at this path")]
     NotFound,
@@ -94,9 +116,6 @@ pub enum Refusal {
     /// A retry while the original is still being processed (425 REC_TOO_EARLY / duplicate).
     #[error("This message is still being processed")]
     InFlight,
-    /// Rate limited (429 REC_TOO_MANY_REQUESTS / throttled).
-    #[error("Too many requests")]
-    Throttled,
     /// An unexpected gateway failure (500 REC_SERVER_ERROR / exception).
     #[error("Internal error in the gateway")]
     Internal,
@@ -107,18 +126,20 @@ pub enum Refusal {
     /// sender retries instead of risking a double delivery.
     #[error("The receiver cannot check for duplicates right now")]
     StoreUnavailable,
-    /// The legacy system answered something that cannot be passed on: an upgrade, an oversized or
-    /// malformed head (503 REC_SERVICE_UNAVAILABLE / transient: a BaRS sender retries a 503).
+    /// The legacy system answered with something the gateway cannot pass on: a 101/upgrade, an
+    /// oversized response header section, or a broken response (503 REC_SERVICE_UNAVAILABLE /
+    /// transient: a BaRS sender retries 503).
     #[error("The receiver answered with an unusable response: {problem}")]
     UpstreamBadResponse {
-        /// What was wrong with it.
+        /// What was wrong, e.g. `protocol upgrade`.
         problem: &'static str,
     },
-    /// A retry of a request refused with a deterministic 4xx whose body was over
-    /// `dedup.max_replay_bytes` (the original status, its BaRS code / processing).
+    /// A retry of a request the legacy system refused with a deterministic 4xx whose body was too
+    /// large to keep for replay (`dedup.max_replay_bytes`): the same status, with the BaRS code
+    /// that status has (issue code `processing`).
     #[error("This message was already processed and refused with status {status}; the original answer was too large to keep for replay")]
     ReplayTooLarge {
-        /// The original status (a 4xx).
+        /// The original answer's status (a 4xx).
         status: u16,
     },
 }
@@ -130,120 +151,83 @@ fn reference_suffix(reference: &Option<String>) -> String {
     }
 }
 
+/// What the one table says about a refusal: everything but its diagnostics (its `Display`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The BaRS error code (`details.coding[0].code`); its display is `"<status> - <code>"`.
+    pub bars_code: &'static str,
+    /// The FHIR `issue.code` (IssueType value set).
+    pub issue_code: &'static str,
+    /// The `reason` label of `bars_gateway_rejections_total` and of the logs.
+    pub reason: RejectionReason,
+}
+
 impl Refusal {
+    /// The refusal table (BARS-CONTEXT.md "Errors", docs/refusals.md §3): one row per variant.
+    pub fn outcome(&self) -> Outcome {
+        use RejectionReason as R;
+        let (status, bars_code, issue_code, reason) = match self {
+            Refusal::MissingHeader { .. } => (400, BAD_REQUEST, "invalid", R::MissingHeader),
+            Refusal::MalformedHeader { .. } => (400, BAD_REQUEST, "value", R::MalformedHeader),
+            Refusal::InvalidRequest(_) => (400, BAD_REQUEST, "invalid", R::InvalidRequest),
+            Refusal::NotFound => (404, "REC_NOT_FOUND", "not-found", R::NotFound),
+            Refusal::UnknownTarget => (404, "REC_NOT_FOUND", "not-found", R::UnknownTarget),
+            Refusal::MethodNotAllowed { .. } => (
+                405,
+                "REC_METHOD_NOT_ALLOWED",
+                "not-supported",
+                R::MethodNotAllowed,
+            ),
+            Refusal::NotAcceptable { .. } => {
+                (406, "REC_NOT_ACCEPTABLE", "processing", R::NotAcceptable)
+            }
+            Refusal::UpstreamTimeout => (408, "REC_TIMEOUT", "timeout", R::UpstreamTimeout),
+            Refusal::BodyTimeout => (408, "REC_TIMEOUT", "timeout", R::BodyTimeout),
+            Refusal::Duplicate { .. } => (409, "REC_CONFLICT", "duplicate", R::Duplicate),
+            Refusal::BodyTooLarge { .. } => (413, BAD_REQUEST, "too-long", R::BodyTooLarge),
+            Refusal::IdReused => (422, "REC_UNPROCESSABLE_ENTITY", "invalid", R::IdReused),
+            Refusal::InFlight => (425, "REC_TOO_EARLY", "duplicate", R::InFlight),
+            Refusal::HeadersTooLarge { .. } => (431, BAD_REQUEST, "too-long", R::HeadersTooLarge),
+            Refusal::Internal => (500, "REC_SERVER_ERROR", "exception", R::Internal),
+            Refusal::UpstreamUnavailable => (503, UNAVAILABLE, "transient", R::UpstreamUnavailable),
+            Refusal::StoreUnavailable => (503, UNAVAILABLE, "transient", R::StoreUnavailable),
+            Refusal::UpstreamBadResponse { .. } => {
+                (503, UNAVAILABLE, "transient", R::UpstreamBadResponse)
+            }
+            Refusal::ReplayTooLarge { status } => {
+                let status = replayed_status(*status);
+                (status, code_of_4xx(status), "processing", R::ReplayTooLarge)
+            }
+        };
+        Outcome {
+            // Every status above is a valid code (ReplayTooLarge's is clamped to 400..=499).
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            bars_code,
+            issue_code,
+            reason,
+        }
+    }
+
     /// The HTTP status of this refusal.
     pub fn status(&self) -> StatusCode {
-        match self {
-            Refusal::MissingHeader { .. }
-            | Refusal::MalformedHeader { .. }
-            | Refusal::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Refusal::Forbidden => StatusCode::FORBIDDEN,
-            Refusal::NotFound | Refusal::UnknownTarget => StatusCode::NOT_FOUND,
-            Refusal::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
-            Refusal::UpstreamTimeout | Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Refusal::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Refusal::Duplicate { .. } => StatusCode::CONFLICT,
-            Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::IdReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Refusal::InFlight => StatusCode::TOO_EARLY,
-            Refusal::Throttled => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Refusal::UpstreamUnavailable
-            | Refusal::StoreUnavailable
-            | Refusal::UpstreamBadResponse { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::ReplayTooLarge { status } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
-            }
-        }
+        self.outcome().status
     }
 
     /// The BaRS error code (`details.coding[0].code`).
     pub fn bars_code(&self) -> &'static str {
-        match self {
-            Refusal::MissingHeader { .. }
-            | Refusal::MalformedHeader { .. }
-            | Refusal::InvalidRequest(_)
-            | Refusal::BodyTooLarge { .. }
-            | Refusal::HeadersTooLarge { .. } => "REC_BAD_REQUEST",
-            Refusal::Unauthorized(_) => "REC_UNAUTHORIZED",
-            Refusal::Forbidden => "REC_FORBIDDEN",
-            Refusal::NotFound | Refusal::UnknownTarget => "REC_NOT_FOUND",
-            Refusal::MethodNotAllowed { .. } => "REC_METHOD_NOT_ALLOWED",
-            Refusal::NotAcceptable { .. } => "REC_NOT_ACCEPTABLE",
-            Refusal::UpstreamTimeout | Refusal::BodyTimeout => "REC_TIMEOUT",
-            Refusal::Duplicate { .. } => "REC_CONFLICT",
-            Refusal::IdReused => "REC_UNPROCESSABLE_ENTITY",
-            Refusal::InFlight => "REC_TOO_EARLY",
-            Refusal::Throttled => "REC_TOO_MANY_REQUESTS",
-            Refusal::Internal => "REC_SERVER_ERROR",
-            Refusal::UpstreamUnavailable
-            | Refusal::StoreUnavailable
-            | Refusal::UpstreamBadResponse { .. } => "REC_SERVICE_UNAVAILABLE",
-            Refusal::ReplayTooLarge { status } => match status {
-                401 => "REC_UNAUTHORIZED",
-                403 => "REC_FORBIDDEN",
-                404 => "REC_NOT_FOUND",
-                405 => "REC_METHOD_NOT_ALLOWED",
-                406 => "REC_NOT_ACCEPTABLE",
-                409 => "REC_CONFLICT",
-                422 => "REC_UNPROCESSABLE_ENTITY",
-                _ => "REC_BAD_REQUEST",
-            },
-        }
+        self.outcome().bars_code
     }
 
     /// The FHIR `issue.code` (IssueType value set).
     pub fn issue_code(&self) -> &'static str {
-        match self {
-            Refusal::MissingHeader { .. } | Refusal::InvalidRequest(_) | Refusal::IdReused => {
-                "invalid"
-            }
-            Refusal::MalformedHeader { .. } => "value",
-            Refusal::Unauthorized(_) => "security",
-            Refusal::Forbidden => "forbidden",
-            Refusal::NotFound | Refusal::UnknownTarget => "not-found",
-            Refusal::MethodNotAllowed { .. } => "not-supported",
-            Refusal::NotAcceptable { .. } => "processing",
-            Refusal::UpstreamTimeout | Refusal::BodyTimeout => "timeout",
-            Refusal::Duplicate { .. } | Refusal::InFlight => "duplicate",
-            Refusal::BodyTooLarge { .. } | Refusal::HeadersTooLarge { .. } => "too-long",
-            Refusal::Throttled => "throttled",
-            Refusal::Internal => "exception",
-            Refusal::UpstreamUnavailable
-            | Refusal::StoreUnavailable
-            | Refusal::UpstreamBadResponse { .. } => "transient",
-            Refusal::ReplayTooLarge { .. } => "processing",
-        }
+        self.outcome().issue_code
     }
 
     /// A stable, low-cardinality label for `bars_gateway_rejections_total{reason}` and logs.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::MissingHeader { .. } => "missing_header",
-            Refusal::MalformedHeader { .. } => "malformed_header",
-            Refusal::InvalidRequest(_) => "invalid_request",
-            Refusal::Unauthorized(_) => "unauthorized",
-            Refusal::Forbidden => "forbidden",
-            Refusal::NotFound => "not_found",
-            Refusal::UnknownTarget => "unknown_target",
-            Refusal::MethodNotAllowed { .. } => "method_not_allowed",
-            Refusal::NotAcceptable { .. } => "not_acceptable",
-            Refusal::UpstreamTimeout => "upstream_timeout",
-            Refusal::BodyTimeout => "body_timeout",
-            Refusal::HeadersTooLarge { .. } => "headers_too_large",
-            Refusal::Duplicate { .. } => "duplicate",
-            Refusal::BodyTooLarge { .. } => "body_too_large",
-            Refusal::IdReused => "id_reused",
-            Refusal::InFlight => "in_flight",
-            Refusal::Throttled => "throttled",
-            Refusal::Internal => "internal",
-            Refusal::UpstreamUnavailable => "upstream_unavailable",
-            Refusal::StoreUnavailable => "store_unavailable",
-            Refusal::UpstreamBadResponse { .. } => "upstream_bad_response",
-            Refusal::ReplayTooLarge { .. } => "replay_too_large",
-        }
+        self.outcome().reason.as_str()
     }
 
     /// The `Allow` header value for a 405, if this is one.
@@ -254,26 +238,11 @@ impl Refusal {
         }
     }
 
-    /// Renders this refusal as a UK Core OperationOutcome with a fresh `id`. This is the one place
-    /// a refusal becomes wire format.
+    /// This refusal as a UK Core OperationOutcome in JSON, with a fresh `id`: the value
+    /// [`render::operation_outcome`](crate::bars::render::operation_outcome) writes for
+    /// [`Format::Json`](crate::bars::render::Format::Json).
     pub fn to_operation_outcome(&self) -> Value {
-        let status = self.status();
-        let code = self.bars_code();
-        json!({
-            "resourceType": "OperationOutcome",
-            "id": uuid::Uuid::new_v4().to_string(),
-            "meta": { "profile": [OPERATION_OUTCOME_PROFILE] },
-            "issue": [{
-                "severity": "error",
-                "code": self.issue_code(),
-                "details": { "coding": [{
-                    "system": ERROR_CODE_SYSTEM,
-                    "code": code,
-                    "display": format!("{} - {}", status.as_u16(), code),
-                }]},
-                "diagnostics": self.to_string(),
-            }]
-        })
+        crate::bars::render::operation_outcome_json(self)
     }
 }
 
@@ -331,13 +300,6 @@ mod tests {
                 "REC_BAD_REQUEST",
                 "value",
             ),
-            (
-                Refusal::Unauthorized("no".into()),
-                401,
-                "REC_UNAUTHORIZED",
-                "security",
-            ),
-            (Refusal::Forbidden, 403, "REC_FORBIDDEN", "forbidden"),
             (Refusal::NotFound, 404, "REC_NOT_FOUND", "not-found"),
             (
                 Refusal::MethodNotAllowed {
@@ -375,12 +337,6 @@ mod tests {
                 "invalid",
             ),
             (Refusal::InFlight, 425, "REC_TOO_EARLY", "duplicate"),
-            (
-                Refusal::Throttled,
-                429,
-                "REC_TOO_MANY_REQUESTS",
-                "throttled",
-            ),
             (Refusal::Internal, 500, "REC_SERVER_ERROR", "exception"),
             (
                 Refusal::UpstreamUnavailable,
@@ -388,11 +344,77 @@ mod tests {
                 "REC_SERVICE_UNAVAILABLE",
                 "transient",
             ),
+            (
+                Refusal::UpstreamBadResponse {
+                    problem: "protocol upgrade",
+                },
+                503,
+                "REC_SERVICE_UNAVAILABLE",
+                "transient",
+            ),
+            (
+                Refusal::ReplayTooLarge { status: 422 },
+                422,
+                "REC_UNPROCESSABLE_ENTITY",
+                "processing",
+            ),
         ];
         for (refusal, status, code, issue) in table {
             assert_eq!(refusal.status().as_u16(), status, "{refusal:?}");
             assert_eq!(refusal.bars_code(), code, "{refusal:?}");
             assert_eq!(refusal.issue_code(), issue, "{refusal:?}");
         }
+    }
+
+    #[test]
+    fn the_two_delivery_refusals_read_as_specified() {
+        let bad = Refusal::UpstreamBadResponse {
+            problem: "protocol upgrade",
+        };
+        assert_eq!(bad.reason(), "upstream_bad_response");
+        assert_eq!(
+            bad.to_string(),
+            "The receiver answered with an unusable response: protocol upgrade"
+        );
+        let replay = Refusal::ReplayTooLarge { status: 404 };
+        assert_eq!(replay.reason(), "replay_too_large");
+        assert_eq!(
+            replay.to_string(),
+            "This message was already processed and refused with status 404; the original answer \
+             was too large to keep for replay"
+        );
+    }
+
+    #[test]
+    fn a_replayed_status_keeps_the_bars_code_that_status_has() {
+        let table = [
+            (400, "REC_BAD_REQUEST"),
+            (401, "REC_UNAUTHORIZED"),
+            (403, "REC_FORBIDDEN"),
+            (404, "REC_NOT_FOUND"),
+            (405, "REC_METHOD_NOT_ALLOWED"),
+            (406, "REC_NOT_ACCEPTABLE"),
+            (409, "REC_CONFLICT"),
+            (410, "REC_BAD_REQUEST"),
+            (413, "REC_BAD_REQUEST"),
+            (422, "REC_UNPROCESSABLE_ENTITY"),
+            (451, "REC_BAD_REQUEST"),
+        ];
+        for (status, code) in table {
+            let refusal = Refusal::ReplayTooLarge { status };
+            assert_eq!(refusal.status().as_u16(), status);
+            assert_eq!(refusal.bars_code(), code, "{status}");
+            assert_eq!(refusal.issue_code(), "processing");
+        }
+        // Not a 4xx: answered as 400 rather than as a success or a server error.
+        assert_eq!(Refusal::ReplayTooLarge { status: 200 }.status(), 400);
+        assert_eq!(Refusal::ReplayTooLarge { status: 503 }.status(), 400);
+    }
+
+    #[test]
+    fn every_reason_label_comes_from_the_one_enum() {
+        let refusal = Refusal::NotFound;
+        assert_eq!(refusal.outcome().reason, RejectionReason::NotFound);
+        assert_eq!(refusal.reason(), RejectionReason::NotFound.as_str());
     }
 }

@@ -26,6 +26,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::bars::errors::Refusal;
+use crate::bars::warnings::{IdentityWarning, ShapeProblem};
 
 /// `NHSD-Target-Identifier`: which service the request is for.
 pub const NHSD_TARGET_IDENTIFIER: &str = "NHSD-Target-Identifier";
@@ -146,7 +147,8 @@ pub struct RequestingSoftware {
     pub id: Option<String>,
 }
 
-/// The decoded identity headers of one request; `None` where a header was absent.
+/// The decoded identity headers of one request; `None` where a header was absent (or, in the
+/// default lenient mode, present with an unexpected shape: see `warnings`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityHeaders {
     /// `NHSD-Target-Identifier`.
@@ -157,6 +159,9 @@ pub struct IdentityHeaders {
     pub software: Option<RequestingSoftware>,
     /// Whether a valid `NHSD-Requesting-Practitioner` was sent (validated, never passed on).
     pub practitioner_present: bool,
+    /// Headers forwarded although their shape is unexpected (lenient mode only; empty in strict
+    /// mode, which refuses them). An empty `Vec` does not allocate.
+    pub warnings: Vec<IdentityWarning>,
 }
 
 /// Which identity headers an endpoint requires (see `Endpoint::identity_requirements`).
@@ -170,28 +175,85 @@ pub struct IdentityRequirements {
     pub software: bool,
 }
 
-/// Decodes and validates the four identity headers: a required one that is absent is refused with
-/// `MissingHeader`, and any one present is always validated (`MalformedHeader` when wrong).
-/// `NHSD-Requesting-Practitioner` is never required (BARS-CONTEXT.md: optional).
+/// How the identity headers of a request are read (DESIGN.md §5a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityPolicy {
+    /// Which headers must be present.
+    pub required: IdentityRequirements,
+    /// Strict mode (`bars.require_identity_headers = true`): every shape rule refuses (400), and
+    /// only the canonical forms are read. Otherwise (the default, as lenient as the BaRS proxy)
+    /// a header that decodes to a JSON object of an unexpected shape is forwarded untouched and
+    /// reported in [`IdentityHeaders::warnings`], and the forms the proxy routes are read too:
+    /// numeric values, `identifier` as a single object, the ODS system spelt with `http://` or
+    /// `organisation`, no `resourceType`.
+    pub strict: bool,
+    /// The gateway routes by NHSD-Target-Identifier, so a target it cannot read is refused even in
+    /// lenient mode.
+    pub target_needed: bool,
+}
+
+/// Decodes and validates the four identity headers in strict mode: a required one that is absent
+/// is refused with `MissingHeader`, and any one present is always validated (`MalformedHeader`
+/// when wrong). `NHSD-Requesting-Practitioner` is never required (BARS-CONTEXT.md: optional).
 pub fn decode_identity_headers(
     headers: &HeaderMap,
     required: IdentityRequirements,
 ) -> Result<IdentityHeaders, Refusal> {
-    let target = single_value(headers, &TARGET, required.target)?
-        .map(|v| memoised(&TARGET_MEMO, v, decode_target))
-        .transpose()?;
-    let organisation = single_value(headers, &ORGANISATION, required.organisation)?
-        .map(|v| memoised(&ORGANISATION_MEMO, v, decode_organisation))
-        .transpose()?;
-    let software = single_value(headers, &SOFTWARE, required.software)?
-        .map(|v| memoised(&SOFTWARE_MEMO, v, decode_software))
-        .transpose()?;
-    let practitioner = single_value(headers, &PRACTITIONER, false)?;
-    let practitioner_present = match practitioner {
-        Some(value) => {
-            memoised(&PRACTITIONER_MEMO, value, decode_practitioner)?;
-            true
-        }
+    read_identity_headers(
+        headers,
+        IdentityPolicy {
+            required,
+            strict: true,
+            target_needed: true,
+        },
+    )
+}
+
+/// Reads the four identity headers under `policy`. Whatever the mode, a required header that is
+/// absent is `MissingHeader`, and a present one that is not Base64 of a JSON text (or is sent
+/// twice, too long, nested too deeply) is `MalformedHeader`.
+pub fn read_identity_headers(
+    headers: &HeaderMap,
+    policy: IdentityPolicy,
+) -> Result<IdentityHeaders, Refusal> {
+    let strict = policy.strict;
+    let mut warnings = Vec::new();
+    let read = |header: &Header, required: bool| single_value(headers, header, required);
+    let target = match read(&TARGET, policy.required.target)? {
+        Some(v) => settle(
+            &TARGET,
+            memoised(&TARGET_MEMO, v, strict, decode_target),
+            strict || policy.target_needed,
+            &mut warnings,
+        )?,
+        None => None,
+    };
+    let organisation = match read(&ORGANISATION, policy.required.organisation)? {
+        Some(v) => settle(
+            &ORGANISATION,
+            memoised(&ORGANISATION_MEMO, v, strict, decode_organisation),
+            strict,
+            &mut warnings,
+        )?,
+        None => None,
+    };
+    let software = match read(&SOFTWARE, policy.required.software)? {
+        Some(v) => settle(
+            &SOFTWARE,
+            memoised(&SOFTWARE_MEMO, v, strict, decode_software),
+            strict,
+            &mut warnings,
+        )?,
+        None => None,
+    };
+    let practitioner_present = match read(&PRACTITIONER, false)? {
+        Some(v) => settle(
+            &PRACTITIONER,
+            memoised(&PRACTITIONER_MEMO, v, strict, decode_practitioner),
+            strict,
+            &mut warnings,
+        )?
+        .is_some(),
         None => false,
     };
     Ok(IdentityHeaders {
@@ -199,7 +261,62 @@ pub fn decode_identity_headers(
         organisation,
         software,
         practitioner_present,
+        warnings,
     })
+}
+
+/// A decoder's answer as the value kept: undecodable is refused; an unexpected shape is refused
+/// when `refuse_shape`, else recorded as a warning and nothing is kept (so no `X-BaRS-*` header
+/// is derived from it).
+fn settle<T>(
+    header: &Header,
+    decoded: Result<T, Problem>,
+    refuse_shape: bool,
+    warnings: &mut Vec<IdentityWarning>,
+) -> Result<Option<T>, Refusal> {
+    match decoded {
+        Ok(value) => Ok(Some(value)),
+        Err(Problem::Refused(refusal)) => Err(refusal),
+        Err(Problem::Shape(shape)) if refuse_shape => Err(malformed(header.name, &shape.detail)),
+        Err(Problem::Shape(shape)) => {
+            warnings.push(IdentityWarning {
+                header: header.name,
+                problem: shape.problem,
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// Why a header value was not read: refused whatever the mode, or an unexpected shape.
+enum Problem {
+    Refused(Refusal),
+    Shape(Shape),
+}
+
+/// An unexpected shape: its label, and the diagnostic strict mode refuses it with.
+struct Shape {
+    problem: ShapeProblem,
+    detail: Cow<'static, str>,
+}
+
+impl From<Shape> for Problem {
+    fn from(shape: Shape) -> Problem {
+        Problem::Shape(shape)
+    }
+}
+
+fn shape(problem: ShapeProblem, detail: impl Into<Cow<'static, str>>) -> Shape {
+    Shape {
+        problem,
+        detail: detail.into(),
+    }
+}
+
+/// A refusal in every mode (not Base64, not JSON), or a strict-only rule on a field the gateway
+/// never reads.
+fn refused(header: &'static str, problem: &str) -> Problem {
+    Problem::Refused(malformed(header, problem))
 }
 
 /// Slots of each per-thread memo of valid identity header values (direct-mapped by hash).
@@ -212,11 +329,14 @@ const MEMO_MAX_LEN: usize = 1024;
 /// identity headers verbatim (one clinician's booking is several requests, the sending system's
 /// `NHSD-Requesting-Software` never changes), so a hit is a hash and a byte comparison instead of
 /// Base64 + JSON + shape rules (about 5 µs for the four; BENCHMARKS.md). Only values that decoded
-/// cleanly are kept, and a hit needs the very same bytes, so the answer is always what decoding
-/// would give.
+/// cleanly are kept, with the mode they were read in, and a hit needs the very same bytes and
+/// mode, so the answer is always what decoding would give.
 struct Memo<T> {
-    slots: Vec<Option<(Box<[u8]>, T)>>,
+    slots: Vec<Option<MemoEntry<T>>>,
 }
+
+/// A memo slot: the raw value, whether it was read in strict mode, and what it decoded to.
+type MemoEntry<T> = (Box<[u8]>, bool, T);
 
 impl<T> Memo<T> {
     fn new() -> Self {
@@ -235,27 +355,29 @@ thread_local! {
     static PRACTITIONER_MEMO: RefCell<Memo<()>> = RefCell::new(Memo::new());
 }
 
-/// `decode(value)`, answered from this thread's memo when the same bytes decoded cleanly before.
+/// `decode(value, strict)`, answered from this thread's memo when the same bytes decoded cleanly
+/// before in the same mode.
 fn memoised<T: Clone>(
     memo: &'static MemoKey<T>,
     value: &HeaderValue,
-    decode: fn(&HeaderValue) -> Result<T, Refusal>,
-) -> Result<T, Refusal> {
+    strict: bool,
+    decode: fn(&HeaderValue, bool) -> Result<T, Problem>,
+) -> Result<T, Problem> {
     let bytes = value.as_bytes();
     if bytes.len() > MEMO_MAX_LEN {
-        return decode(value);
+        return decode(value, strict);
     }
     let slot = (BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes) % MEMO_SLOTS as u64)
         as usize;
     let hit = memo.with_borrow(|m| match &m.slots[slot] {
-        Some((raw, decoded)) if **raw == *bytes => Some(decoded.clone()),
+        Some((raw, mode, decoded)) if **raw == *bytes && *mode == strict => Some(decoded.clone()),
         _ => None,
     });
     if let Some(decoded) = hit {
         return Ok(decoded);
     }
-    let decoded = decode(value)?;
-    memo.with_borrow_mut(|m| m.slots[slot] = Some((bytes.into(), decoded.clone())));
+    let decoded = decode(value, strict)?;
+    memo.with_borrow_mut(|m| m.slots[slot] = Some((bytes.into(), strict, decoded.clone())));
     Ok(decoded)
 }
 
@@ -277,17 +399,18 @@ fn single_value<'h>(
     }
 }
 
-fn decode_target(value: &HeaderValue) -> Result<TargetIdentifier, Refusal> {
+fn decode_target(value: &HeaderValue, strict: bool) -> Result<TargetIdentifier, Problem> {
     const H: &str = NHSD_TARGET_IDENTIFIER;
     with_decoded_json(H, value, |json| {
         let doc: TargetJson<'_> = parse_object(H, json)?;
-        let system = non_empty_text(H, doc.system.as_ref(), "system")?;
+        let system = non_empty_text(doc.system.as_ref(), "system", ShapeProblem::NoSystem, false)?;
         // `system|value` is the route key and the X-BaRS-Target value: a `|` in the system would
         // make it ambiguous, and a URI cannot contain one unencoded (RFC 3986).
         if system.contains('|') {
-            return Err(malformed(H, "system must not contain '|'"));
+            return Err(shape(ShapeProblem::PipeInSystem, "system must not contain '|'").into());
         }
-        let value = non_empty_text(H, doc.value.as_ref(), "value")?;
+        // The proxy routes a numeric value (`"value": 2000011147`) too.
+        let value = non_empty_text(doc.value.as_ref(), "value", ShapeProblem::NoValue, !strict)?;
         Ok(TargetIdentifier {
             system: system.to_owned(),
             value: value.to_owned(),
@@ -295,37 +418,62 @@ fn decode_target(value: &HeaderValue) -> Result<TargetIdentifier, Refusal> {
     })
 }
 
-fn decode_organisation(value: &HeaderValue) -> Result<EndUserOrganisation, Refusal> {
+/// The ODS system as the IG writes it, and the spellings senders use that the proxy forwards.
+const ODS_SYSTEM_SPELLINGS: [&str; 4] = [
+    ODS_ORGANIZATION_CODE_SYSTEM,
+    "http://fhir.nhs.uk/Id/ods-organization-code",
+    "https://fhir.nhs.uk/Id/ods-organisation-code",
+    "http://fhir.nhs.uk/Id/ods-organisation-code",
+];
+
+fn is_ods_system(system: Option<&str>, strict: bool) -> bool {
+    match system {
+        Some(system) if strict => system == ODS_ORGANIZATION_CODE_SYSTEM,
+        Some(system) => ODS_SYSTEM_SPELLINGS.contains(&system),
+        None => false,
+    }
+}
+
+fn decode_organisation(value: &HeaderValue, strict: bool) -> Result<EndUserOrganisation, Problem> {
     const H: &str = NHSD_END_USER_ORGANISATION;
     with_decoded_json(H, value, |json| {
         let doc: OrganisationJson<'_> = parse_object(H, json)?;
-        require_resource_type(H, doc.resource_type.as_ref(), "Organization")?;
-        let identifiers = identifier_entries(H, doc.identifier.as_ref())?;
+        if strict || doc.resource_type.is_some() {
+            require_resource_type(doc.resource_type.as_ref(), "Organization")?;
+        }
+        let identifiers = identifier_entries(doc.identifier.as_ref(), strict)?;
         let mut ods_code: Option<&str> = None;
         for entry in identifiers {
-            if entry.system.as_ref().and_then(Text::as_str) != Some(ODS_ORGANIZATION_CODE_SYSTEM) {
+            if !is_ods_system(entry.system.as_ref().and_then(|s| s.text(false)), strict) {
                 continue;
             }
-            let code = non_empty_text(H, entry.value.as_ref(), "ODS organisation code value")?;
+            let code = non_empty_text(
+                entry.value.as_ref(),
+                "ODS organisation code value",
+                ShapeProblem::NoOdsCode,
+                !strict,
+            )?;
             // Access control and X-BaRS-Ods-Code need one answer: two different codes have none.
             match ods_code {
                 Some(seen) if seen != code => {
-                    return Err(malformed(
-                        H,
+                    return Err(shape(
+                        ShapeProblem::SeveralOdsCodes,
                         "identifier has more than one ODS organisation code",
-                    ))
+                    )
+                    .into())
                 }
                 _ => ods_code = Some(code),
             }
         }
         let ods_code = ods_code.ok_or_else(|| {
-            malformed(
-                H,
+            shape(
+                ShapeProblem::NoOdsCode,
                 "identifier has no ODS organisation code (system https://fhir.nhs.uk/Id/ods-organization-code)",
             )
         })?;
-        if !matches!(doc.name, None | Some(Kind::String)) {
-            return Err(malformed(H, "name must be a string"));
+        // The gateway never reads the name: only strict mode checks it.
+        if strict && !matches!(doc.name, None | Some(Kind::String)) {
+            return Err(refused(H, "name must be a string"));
         }
         Ok(EndUserOrganisation {
             ods_code: OdsCode(ods_code.to_owned()),
@@ -333,44 +481,48 @@ fn decode_organisation(value: &HeaderValue) -> Result<EndUserOrganisation, Refus
     })
 }
 
-fn decode_software(value: &HeaderValue) -> Result<RequestingSoftware, Refusal> {
+fn decode_software(value: &HeaderValue, strict: bool) -> Result<RequestingSoftware, Problem> {
     const H: &str = NHSD_REQUESTING_SOFTWARE;
     with_decoded_json(H, value, |json| {
         let doc: SoftwareJson<'_> = parse_object(H, json)?;
-        require_resource_type(H, doc.resource_type.as_ref(), "Device")?;
-        let first = first_identifier_with_value(H, doc.identifier.as_ref())?;
-        let id = match first.system.as_ref().and_then(Text::as_str) {
+        if strict || doc.resource_type.is_some() {
+            require_resource_type(doc.resource_type.as_ref(), "Device")?;
+        }
+        let first = first_identifier_with_value(doc.identifier.as_ref(), strict)?;
+        let value = first.value_text(!strict);
+        let id = match first.system.as_ref().and_then(|s| s.text(false)) {
             Some(system) if !system.trim().is_empty() => {
-                check_no_control(H, system, "identifier system")?;
-                format!("{system}|{}", first.value_str())
+                check_no_control(system, "identifier system")?;
+                format!("{system}|{value}")
             }
-            _ => first.value_str().to_owned(),
+            _ => value.to_owned(),
         };
         // The spec's example writes deviceName and version as objects, FHIR R4 as arrays: accept
-        // both (BARS-CONTEXT.md), and their absence, but not a bare string or number.
-        if !matches!(doc.device_name, None | Some(Kind::Object | Kind::Array)) {
-            return Err(malformed(H, "deviceName must be an object or an array"));
+        // both (BARS-CONTEXT.md), and their absence, but not a bare string or number. The gateway
+        // never reads them: only strict mode checks them.
+        if strict && !matches!(doc.device_name, None | Some(Kind::Object | Kind::Array)) {
+            return Err(refused(H, "deviceName must be an object or an array"));
         }
-        if !matches!(doc.version, None | Some(Kind::Object | Kind::Array)) {
-            return Err(malformed(H, "version must be an object or an array"));
+        if strict && !matches!(doc.version, None | Some(Kind::Object | Kind::Array)) {
+            return Err(refused(H, "version must be an object or an array"));
         }
         Ok(RequestingSoftware { id: Some(id) })
     })
 }
 
-fn decode_practitioner(value: &HeaderValue) -> Result<(), Refusal> {
+fn decode_practitioner(value: &HeaderValue, strict: bool) -> Result<(), Problem> {
     const H: &str = NHSD_REQUESTING_PRACTITIONER;
     with_decoded_json(H, value, |json| {
         let doc: PractitionerJson<'_> = parse_object(H, json)?;
         // Optional header and optional field: only a wrong resourceType is refused.
         if doc.resource_type.is_some() {
-            require_resource_type(H, doc.resource_type.as_ref(), "PractitionerRole")?;
+            require_resource_type(doc.resource_type.as_ref(), "PractitionerRole")?;
         }
         // The IG expects an sds-role-profile-id identifier; any identifier with a value is accepted
         // because the gateway never acts on this header.
-        first_identifier_with_value(H, doc.identifier.as_ref())?;
-        if !matches!(doc.code, None | Some(Kind::Array)) {
-            return Err(malformed(H, "code must be an array"));
+        first_identifier_with_value(doc.identifier.as_ref(), strict)?;
+        if strict && !matches!(doc.code, None | Some(Kind::Array)) {
+            return Err(refused(H, "code must be an array"));
         }
         Ok(())
     })
@@ -380,16 +532,16 @@ fn decode_practitioner(value: &HeaderValue) -> Result<(), Refusal> {
 fn with_decoded_json<T>(
     header: &'static str,
     value: &HeaderValue,
-    read: impl FnOnce(&str) -> Result<T, Refusal>,
-) -> Result<T, Refusal> {
+    read: impl FnOnce(&str) -> Result<T, Problem>,
+) -> Result<T, Problem> {
     let raw = value.as_bytes();
     if raw.len() > MAX_ENCODED_LEN {
-        return Err(malformed(header, "is too long"));
+        return Err(refused(header, "is too long"));
     }
     // Proxies and hand-written clients leave spaces around the value; they are never Base64.
     let encoded = raw.trim_ascii();
     if encoded.is_empty() {
-        return Err(malformed(header, "is empty"));
+        return Err(refused(header, "is empty"));
     }
     // This runs on every request: typical values decode on the stack, without an allocation.
     let needed = base64::decoded_len_estimate(encoded.len());
@@ -405,10 +557,10 @@ fn with_decoded_json<T>(
     // "accept standard Base64 with or without padding ... reject everything else").
     let len = STANDARD_PAD_INDIFFERENT
         .decode_slice(encoded, buffer)
-        .map_err(|_| malformed(header, "is not valid Base64"))?;
+        .map_err(|_| refused(header, "is not valid Base64"))?;
     let decoded = &buffer[..len];
-    let json = std::str::from_utf8(decoded).map_err(|_| malformed(header, "is not UTF-8"))?;
-    check_nesting(json.as_bytes()).map_err(|()| malformed(header, "is nested too deeply"))?;
+    let json = std::str::from_utf8(decoded).map_err(|_| refused(header, "is not UTF-8"))?;
+    check_nesting(json.as_bytes()).map_err(|()| refused(header, "is nested too deeply"))?;
     read(json)
 }
 
@@ -449,51 +601,78 @@ fn check_nesting(json: &[u8]) -> Result<(), ()> {
 
 /// Parses the text as a JSON object of shape `T`. Surrounding whitespace (the spec's examples end
 /// in a newline) is JSON whitespace and accepted by serde_json.
-fn parse_object<'a, T: Deserialize<'a>>(header: &'static str, json: &'a str) -> Result<T, Refusal> {
+fn parse_object<'a, T: Deserialize<'a>>(header: &'static str, json: &'a str) -> Result<T, Problem> {
     match serde_json::from_str::<Object<T>>(json) {
         Ok(Object::Fields(fields)) => Ok(fields),
-        Ok(Object::Other) => Err(malformed(header, "is not a JSON object")),
+        Ok(Object::Other) => Err(shape(ShapeProblem::NotAnObject, "is not a JSON object").into()),
         // Every field type below accepts any JSON value, so the only data error left is a repeated
-        // key, which serde's derive refuses: good, since a second copy could hide from a check.
-        Err(e) if e.is_data() => Err(malformed(header, "has a duplicate JSON field")),
+        // key, which serde's derive refuses: good, since a second copy could hide from a check
+        // (in lenient mode nothing is read from such a header).
+        Err(e) if e.is_data() => {
+            Err(shape(ShapeProblem::DuplicateField, "has a duplicate JSON field").into())
+        }
         // serde_json's own message is not used: it can quote the content.
-        Err(_) => Err(malformed(header, "is not valid JSON")),
+        Err(_) => Err(refused(header, "is not valid JSON")),
     }
 }
 
 fn require_resource_type(
-    header: &'static str,
     resource_type: Option<&Text<'_>>,
     expected: &'static str,
-) -> Result<(), Refusal> {
-    if resource_type.and_then(Text::as_str) == Some(expected) {
+) -> Result<(), Shape> {
+    if resource_type.and_then(|t| t.text(false)) == Some(expected) {
         Ok(())
     } else {
-        Err(malformed(
-            header,
-            &format!("resourceType must be \"{expected}\""),
+        Err(shape(
+            ShapeProblem::WrongResourceType,
+            format!("resourceType must be \"{expected}\""),
         ))
     }
 }
 
-/// The `identifier` array's entries, each checked to be an object whose `system` and `value`, when
-/// present, are strings.
+/// The `identifier` entries (an array; in lenient mode also a single object), each checked to be
+/// an object whose `system`, when present, is a string and whose `value`, when present, is a
+/// string (in lenient mode also an integer).
 fn identifier_entries<'d, 'a>(
-    header: &'static str,
     identifier: Option<&'d Array<Object<IdentifierJson<'a>>>>,
-) -> Result<impl Iterator<Item = &'d IdentifierJson<'a>>, Refusal> {
-    let Some(Array::Items(items)) = identifier else {
-        return Err(malformed(header, "identifier must be an array"));
+    strict: bool,
+) -> Result<impl Iterator<Item = &'d IdentifierJson<'a>>, Shape> {
+    let items = match identifier {
+        Some(Array::Items(items)) => items.as_slice(),
+        Some(Array::Single(item)) if !strict => std::slice::from_ref(item),
+        _ => {
+            return Err(shape(
+                ShapeProblem::BadIdentifier,
+                "identifier must be an array",
+            ))
+        }
     };
     for item in items {
         let Object::Fields(entry) = item else {
-            return Err(malformed(header, "identifier entries must be objects"));
+            return Err(shape(
+                ShapeProblem::BadIdentifier,
+                "identifier entries must be objects",
+            ));
         };
-        if matches!(entry.system, Some(Text::Other)) {
-            return Err(malformed(header, "identifier system must be a string"));
+        if entry
+            .system
+            .as_ref()
+            .is_some_and(|s| s.text(false).is_none())
+        {
+            return Err(shape(
+                ShapeProblem::BadIdentifier,
+                "identifier system must be a string",
+            ));
         }
-        if matches!(entry.value, Some(Text::Other)) {
-            return Err(malformed(header, "identifier value must be a string"));
+        if entry
+            .value
+            .as_ref()
+            .is_some_and(|v| v.text(!strict).is_none())
+        {
+            return Err(shape(
+                ShapeProblem::BadIdentifier,
+                "identifier value must be a string",
+            ));
         }
     }
     Ok(items.iter().filter_map(|item| match item {
@@ -504,51 +683,50 @@ fn identifier_entries<'d, 'a>(
 
 /// The first identifier entry with a non-blank value (FHIR Device/PractitionerRole identifiers).
 fn first_identifier_with_value<'d, 'a>(
-    header: &'static str,
     identifier: Option<&'d Array<Object<IdentifierJson<'a>>>>,
-) -> Result<&'d IdentifierJson<'a>, Refusal> {
-    let first = identifier_entries(header, identifier)?
-        .find(|entry| !entry.value_str().trim().is_empty())
+    strict: bool,
+) -> Result<&'d IdentifierJson<'a>, Shape> {
+    let first = identifier_entries(identifier, strict)?
+        .find(|entry| !entry.value_text(!strict).trim().is_empty())
         .ok_or_else(|| {
-            malformed(
-                header,
+            shape(
+                ShapeProblem::NoIdentifierValue,
                 "identifier must contain an entry with a non-empty value",
             )
         })?;
-    check_no_control(header, first.value_str(), "identifier value")?;
+    check_no_control(first.value_text(!strict), "identifier value")?;
     Ok(first)
 }
 
-/// The field's text if it is a string with a non-blank value and no control characters.
+/// The field's text if it is a string (or, with `numbers`, an integer) with a non-blank value and
+/// no control characters; else `problem`.
 fn non_empty_text<'t>(
-    header: &'static str,
     field: Option<&'t Text<'_>>,
     name: &str,
-) -> Result<&'t str, Refusal> {
-    match field.and_then(Text::as_str) {
+    problem: ShapeProblem,
+    numbers: bool,
+) -> Result<&'t str, Shape> {
+    match field.and_then(|t| t.text(numbers)) {
         Some(text) if !text.trim().is_empty() => {
-            check_no_control(header, text, name)?;
+            check_no_control(text, name)?;
             Ok(text)
         }
-        _ => Err(malformed(
-            header,
-            &format!("{name} must be a non-empty string"),
-        )),
+        _ => Err(shape(problem, format!("{name} must be a non-empty string"))),
     }
 }
 
 /// Extracted values become forwarded headers (`X-BaRS-Target`, `X-BaRS-Ods-Code`) and log fields:
 /// a JSON-escaped CR, LF or NUL must not reach either.
-fn check_no_control(header: &'static str, text: &str, name: &str) -> Result<(), Refusal> {
+fn check_no_control(text: &str, name: &str) -> Result<(), Shape> {
     let has_control = if text.is_ascii() {
         text.bytes().any(|b| b.is_ascii_control())
     } else {
         text.chars().any(char::is_control)
     };
     if has_control {
-        Err(malformed(
-            header,
-            &format!("{name} contains control characters"),
+        Err(shape(
+            ShapeProblem::ControlCharacters,
+            format!("{name} contains control characters"),
         ))
     } else {
         Ok(())
@@ -612,23 +790,31 @@ struct IdentifierJson<'a> {
 }
 
 impl IdentifierJson<'_> {
-    /// The value, or "" when absent (entries are checked to hold strings before this is used).
-    fn value_str(&self) -> &str {
-        self.value.as_ref().and_then(Text::as_str).unwrap_or("")
+    /// The value (a string, or with `numbers` also an integer), or "" (entries are checked to
+    /// hold such a value before this is used).
+    fn value_text(&self, numbers: bool) -> &str {
+        self.value
+            .as_ref()
+            .and_then(|v| v.text(numbers))
+            .unwrap_or("")
     }
 }
 
-/// Any JSON value, kept when it is a string (borrowed unless it contained escapes).
+/// Any JSON value, kept when it is a string (borrowed unless it contained escapes) or an integer
+/// (as its decimal text: the proxy routes `"value": 2000011147`).
 enum Text<'a> {
     String(Cow<'a, str>),
+    Integer(String),
     Other,
 }
 
 impl Text<'_> {
-    fn as_str(&self) -> Option<&str> {
+    /// The string, or with `numbers` also an integer's text.
+    fn text(&self, numbers: bool) -> Option<&str> {
         match self {
             Text::String(text) => Some(text),
-            Text::Other => None,
+            Text::Integer(text) if numbers => Some(text),
+            Text::Integer(_) | Text::Other => None,
         }
     }
 }
@@ -642,9 +828,10 @@ enum Kind {
     Other,
 }
 
-/// Any JSON value, read as `T` items when it is an array.
+/// Any JSON value, read as `T` items when it is an array, as one `T` when it is an object.
 enum Array<T> {
     Items(Vec<T>),
+    Single(T),
     Other,
 }
 
@@ -694,8 +881,21 @@ impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
         f.write_str("any JSON value")
     }
 
-    scalars_give!(Text::Other);
-
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(Text::Integer(n.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(Text::Integer(n.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
     fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
         Ok(Text::String(Cow::Borrowed(text)))
     }
@@ -770,7 +970,8 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ArrayVisitor<T> {
         Ok(Array::Items(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        skip_map(map).map(|()| Array::Other)
+        // FHIR says array; senders write a single identifier as an object (lenient mode reads it).
+        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Array::Single)
     }
 }
 
@@ -1602,6 +1803,265 @@ mod tests {
         assert_eq!(decoded.target, Some(key));
     }
 
+    const LENIENT: IdentityPolicy = IdentityPolicy {
+        required: NONE,
+        strict: false,
+        target_needed: false,
+    };
+
+    /// A map with only `header`, set to the Base64 of `json`.
+    fn only(header: &'static str, json: &str) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(header, HeaderValue::from_str(&encoded(json)).unwrap());
+        map
+    }
+
+    fn lenient(map: &HeaderMap) -> IdentityHeaders {
+        read_identity_headers(map, LENIENT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn lenient_mode_reads_the_forms_the_proxy_routes() {
+        let d = lenient(&only(
+            NHSD_TARGET_IDENTIFIER,
+            r#"{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":2000011147}"#,
+        ));
+        assert_eq!(
+            d.target.unwrap().to_string(),
+            "https://fhir.nhs.uk/Id/dos-service-id|2000011147"
+        );
+        assert!(d.warnings.is_empty());
+        for json in [
+            r#"{"identifier":[{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}]}"#,
+            r#"{"resourceType":"Organization","identifier":{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}}"#,
+            r#"{"resourceType":"Organization","identifier":[{"system":"http://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}]}"#,
+            r#"{"resourceType":"Organization","identifier":[{"system":"https://fhir.nhs.uk/Id/ods-organisation-code","value":"A1001"}]}"#,
+            r#"{"identifier":{"system":"http://fhir.nhs.uk/Id/ods-organisation-code","value":"A1001"},"name":{"text":"x"}}"#,
+        ] {
+            let d = lenient(&only(NHSD_END_USER_ORGANISATION, json));
+            assert_eq!(
+                d.organisation.map(|o| o.ods_code.0).as_deref(),
+                Some("A1001"),
+                "{json}"
+            );
+            assert!(d.warnings.is_empty(), "{json}");
+        }
+        let d = lenient(&only(
+            NHSD_END_USER_ORGANISATION,
+            r#"{"identifier":[{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":12345}]}"#,
+        ));
+        assert_eq!(d.organisation.unwrap().ods_code.as_str(), "12345");
+        for json in [
+            r#"{"identifier":{"system":"https://s/Id","value":"APP"},"deviceName":"N","version":"1"}"#,
+            r#"{"resourceType":"Device","identifier":[{"system":"https://s/Id","value":"APP"}]}"#,
+        ] {
+            let d = lenient(&only(NHSD_REQUESTING_SOFTWARE, json));
+            assert_eq!(
+                d.software.unwrap().id.as_deref(),
+                Some("https://s/Id|APP"),
+                "{json}"
+            );
+        }
+        let d = lenient(&only(
+            NHSD_REQUESTING_PRACTITIONER,
+            r#"{"identifier":{"value":555},"code":{"coding":[]}}"#,
+        ));
+        assert!(d.practitioner_present);
+        assert!(d.warnings.is_empty());
+    }
+
+    #[test]
+    fn lenient_mode_forwards_unexpected_shapes_with_a_warning_and_no_value() {
+        let ods = ODS_ORGANIZATION_CODE_SYSTEM;
+        let table: Vec<(&'static str, String, ShapeProblem)> = vec![
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"{"system":"s"}"#.into(),
+                ShapeProblem::NoValue,
+            ),
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"{"value":"v"}"#.into(),
+                ShapeProblem::NoSystem,
+            ),
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"{"system":"a|b","value":"v"}"#.into(),
+                ShapeProblem::PipeInSystem,
+            ),
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"{"system":"s","value":"v\n"}"#.into(),
+                ShapeProblem::ControlCharacters,
+            ),
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"["s","v"]"#.into(),
+                ShapeProblem::NotAnObject,
+            ),
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"{"system":"s","value":"v","value":"w"}"#.into(),
+                ShapeProblem::DuplicateField,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                r#"{"identifier":[{"system":"https://other/Id","value":"A1"}]}"#.into(),
+                ShapeProblem::NoOdsCode,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                format!(r#"{{"identifier":[{{"system":"{ods}","value":""}}]}}"#),
+                ShapeProblem::NoOdsCode,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                format!(
+                    r#"{{"resourceType":"Organisation","identifier":[{{"system":"{ods}","value":"A1"}}]}}"#
+                ),
+                ShapeProblem::WrongResourceType,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                format!(
+                    r#"{{"identifier":[{{"system":"{ods}","value":"A1"}},{{"system":"{ods}","value":"B2"}}]}}"#
+                ),
+                ShapeProblem::SeveralOdsCodes,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                r#"{"identifier":"A1"}"#.into(),
+                ShapeProblem::BadIdentifier,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                r#""A1""#.into(),
+                ShapeProblem::NotAnObject,
+            ),
+            (
+                NHSD_REQUESTING_SOFTWARE,
+                r#"{"resourceType":"Device","identifier":[]}"#.into(),
+                ShapeProblem::NoIdentifierValue,
+            ),
+            (
+                NHSD_REQUESTING_SOFTWARE,
+                r#"{"identifier":[{"system":{},"value":"A"}]}"#.into(),
+                ShapeProblem::BadIdentifier,
+            ),
+            (
+                NHSD_REQUESTING_PRACTITIONER,
+                r#"{"resourceType":"Practitioner","identifier":[{"value":"1"}]}"#.into(),
+                ShapeProblem::WrongResourceType,
+            ),
+        ];
+        for (header, json, problem) in table {
+            let d = lenient(&only(header, &json));
+            assert_eq!(
+                d.warnings,
+                vec![IdentityWarning { header, problem }],
+                "{header}: {json}"
+            );
+            assert_eq!(d.target, None, "{json}");
+            assert_eq!(d.organisation, None, "{json}");
+            assert_eq!(d.software, None, "{json}");
+            assert!(!d.practitioner_present, "{json}");
+        }
+    }
+
+    #[test]
+    fn lenient_mode_still_refuses_what_is_not_base64_json() {
+        for name in HEADERS {
+            let mut map = HeaderMap::new();
+            map.insert(name, HeaderValue::from_static("not base64!"));
+            assert_malformed(
+                read_identity_headers(&map, LENIENT),
+                name,
+                "is not valid Base64",
+            );
+            let map = only(name, r#"{"system":"s","#);
+            assert_malformed(
+                read_identity_headers(&map, LENIENT),
+                name,
+                "is not valid JSON",
+            );
+        }
+        let mut map = only(NHSD_TARGET_IDENTIFIER, r#"{"system":"s","value":"v"}"#);
+        let value = map[NHSD_TARGET_IDENTIFIER].clone();
+        map.append(NHSD_TARGET_IDENTIFIER, value);
+        assert_malformed(
+            read_identity_headers(&map, LENIENT),
+            NHSD_TARGET_IDENTIFIER,
+            "sent more than once",
+        );
+    }
+
+    #[test]
+    fn a_target_needed_for_routing_is_refused_when_it_cannot_be_read() {
+        let policy = IdentityPolicy {
+            target_needed: true,
+            ..LENIENT
+        };
+        assert_malformed(
+            read_identity_headers(&only(NHSD_TARGET_IDENTIFIER, r#"{"system":"s"}"#), policy),
+            NHSD_TARGET_IDENTIFIER,
+            "value must be a non-empty string",
+        );
+        // Other headers stay lenient.
+        let d = read_identity_headers(&only(NHSD_END_USER_ORGANISATION, "{}"), policy).unwrap();
+        assert_eq!(d.warnings.len(), 1);
+    }
+
+    #[test]
+    fn strict_mode_refuses_the_lenient_forms() {
+        let table = [
+            (
+                NHSD_TARGET_IDENTIFIER,
+                r#"{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":2000011147}"#,
+                "value must be a non-empty string",
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                r#"{"identifier":[{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}]}"#,
+                r#"resourceType must be "Organization""#,
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                r#"{"resourceType":"Organization","identifier":{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}}"#,
+                "identifier must be an array",
+            ),
+            (
+                NHSD_END_USER_ORGANISATION,
+                r#"{"resourceType":"Organization","identifier":[{"system":"http://fhir.nhs.uk/Id/ods-organization-code","value":"A1001"}]}"#,
+                "identifier has no ODS organisation code",
+            ),
+            (
+                NHSD_REQUESTING_SOFTWARE,
+                r#"{"identifier":[{"value":"APP"}]}"#,
+                r#"resourceType must be "Device""#,
+            ),
+        ];
+        for (header, json, problem) in table {
+            let result = decode_identity_headers(&only(header, json), NONE);
+            assert_malformed(result, header, problem);
+        }
+    }
+
+    #[test]
+    fn the_memo_answers_for_the_mode_a_value_was_read_in() {
+        let map = only(
+            NHSD_TARGET_IDENTIFIER,
+            r#"{"system":"https://fhir.nhs.uk/Id/dos-service-id","value":7}"#,
+        );
+        for _ in 0..2 {
+            assert_eq!(lenient(&map).target.unwrap().value, "7");
+            assert_malformed(
+                decode_identity_headers(&map, NONE),
+                NHSD_TARGET_IDENTIFIER,
+                "value must be a non-empty string",
+            );
+        }
+    }
+
     /// xorshift64: deterministic, no dependencies.
     struct Rng(u64);
 
@@ -1659,6 +2119,14 @@ mod tests {
             if let Err(refusal) = decode_identity_headers(&map, ALL) {
                 assert!(refusal.to_string().starts_with(name), "{refusal}");
                 assert_eq!(refusal.status(), 400);
+            }
+            // Lenient mode refuses less, never more, and warns only about the changed header.
+            match read_identity_headers(&map, LENIENT) {
+                Err(refusal) => {
+                    assert!(refusal.to_string().starts_with(name), "{refusal}");
+                    assert!(decode_identity_headers(&map, ALL).is_err());
+                }
+                Ok(decoded) => assert!(decoded.warnings.iter().all(|w| w.header == name)),
             }
         }
     }

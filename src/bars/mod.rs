@@ -4,6 +4,8 @@ pub mod accept;
 pub mod errors;
 pub mod identity;
 pub mod ids;
+pub mod render;
 pub mod routes;
+pub mod warnings;
 
 pub use errors::Refusal;

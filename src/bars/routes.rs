@@ -37,10 +37,13 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// Which identity headers this endpoint requires. Target-Identifier is required except on
-    /// `/metadata`; Organisation and Software follow `require_identity_headers` (the spec marks them
-    /// required, the IG optional) except on `/metadata` and `/MessageDefinition`, where the IG says
-    /// they are not expected. Extra paths are treated as write endpoints.
+    /// Which identity headers this endpoint requires. By default (the IG: Organisation and
+    /// Software are "optional for the sender") none: NHSD-Target-Identifier is then needed only
+    /// when routing by target without a default upstream, which `Upstreams::select` refuses.
+    /// Strict mode (`require_identity_headers`, the spec's reading) requires Target-Identifier
+    /// except on `/metadata`, and Organisation and Software except on `/metadata` and
+    /// `/MessageDefinition`, where the IG says they are not expected. Extra paths are treated as
+    /// write endpoints.
     pub fn identity_requirements(self, require_identity_headers: bool) -> IdentityRequirements {
         match self {
             Endpoint::Metadata => IdentityRequirements {
@@ -49,7 +52,7 @@ impl Endpoint {
                 software: false,
             },
             Endpoint::MessageDefinition => IdentityRequirements {
-                target: true,
+                target: require_identity_headers,
                 organisation: false,
                 software: false,
             },
@@ -60,7 +63,7 @@ impl Endpoint {
             | Endpoint::ServiceRequest
             | Endpoint::ServiceRequestInstance
             | Endpoint::Extra => IdentityRequirements {
-                target: true,
+                target: require_identity_headers,
                 organisation: require_identity_headers,
                 software: require_identity_headers,
             },
@@ -744,11 +747,15 @@ mod tests {
         };
         for flag in [true, false] {
             assert_eq!(Endpoint::Metadata.identity_requirements(flag), none);
-            assert_eq!(
-                Endpoint::MessageDefinition.identity_requirements(flag),
-                target_only
-            );
         }
+        assert_eq!(
+            Endpoint::MessageDefinition.identity_requirements(true),
+            target_only
+        );
+        assert_eq!(
+            Endpoint::MessageDefinition.identity_requirements(false),
+            none
+        );
         for endpoint in [
             Endpoint::ProcessMessage,
             Endpoint::Slot,
@@ -759,11 +766,7 @@ mod tests {
             Endpoint::Extra,
         ] {
             assert_eq!(endpoint.identity_requirements(true), all, "{endpoint:?}");
-            assert_eq!(
-                endpoint.identity_requirements(false),
-                target_only,
-                "{endpoint:?}"
-            );
+            assert_eq!(endpoint.identity_requirements(false), none, "{endpoint:?}");
         }
     }
 

@@ -574,10 +574,10 @@ mod tests {
 
     #[test]
     fn bars_code_reads_an_operation_outcome_and_nothing_else() {
-        let oo = crate::bars::errors::Refusal::Throttled.to_operation_outcome();
+        let oo = crate::bars::errors::Refusal::InFlight.to_operation_outcome();
         assert_eq!(
             bars_code(oo.to_string().as_bytes()).as_deref(),
-            Some("REC_TOO_MANY_REQUESTS")
+            Some("REC_TOO_EARLY")
         );
         assert_eq!(bars_code(br#"{"resourceType":"Bundle"}"#), None);
         assert_eq!(bars_code(b"not json"), None);

@@ -632,6 +632,17 @@ impl Reply2 {
     }
 }
 
+/// The value of the first `<name value="..."/>` in a FHIR XML document (`&amp;` unescaped).
+pub fn fhir_xml_value(xml: &str, name: &str) -> String {
+    let start = format!("<{name} value=\"");
+    let at = xml
+        .find(&start)
+        .unwrap_or_else(|| panic!("no <{name}> in {xml}"))
+        + start.len();
+    let end = xml[at..].find('"').unwrap();
+    xml[at..at + end].replace("&amp;", "&")
+}
+
 /// Sends one request over a new TLS connection. Errors (refused handshakes) come back as text.
 pub async fn send(
     addr: SocketAddr,
