@@ -1269,6 +1269,22 @@ fn every_refusal() -> Vec<Refusal> {
         Refusal::Internal,
         Refusal::UpstreamUnavailable,
         Refusal::StoreUnavailable,
+        Refusal::EgressTokenRefused {
+            cause: "invalid_request: Invalid 'kid' (message_id rrt-1)".into(),
+        },
+        Refusal::EgressTokenUnavailable {
+            cause: "no answer within 10s".into(),
+        },
+        Refusal::EgressNoAnswer {
+            attempts: 4,
+            timed_out: true,
+            cause: "no response in time".into(),
+        },
+        Refusal::EgressNoAnswer {
+            attempts: 4,
+            timed_out: false,
+            cause: "connection refused".into(),
+        },
     ];
     for refusal in &all {
         match refusal {
@@ -1291,7 +1307,10 @@ fn every_refusal() -> Vec<Refusal> {
             | Refusal::Throttled
             | Refusal::Internal
             | Refusal::UpstreamUnavailable
-            | Refusal::StoreUnavailable => {}
+            | Refusal::StoreUnavailable
+            | Refusal::EgressTokenRefused { .. }
+            | Refusal::EgressTokenUnavailable { .. }
+            | Refusal::EgressNoAnswer { .. } => {}
         }
     }
     all

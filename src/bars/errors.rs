@@ -107,6 +107,30 @@ pub enum Refusal {
     /// sender retries instead of risking a double delivery.
     #[error("The receiver cannot check for duplicates right now")]
     StoreUnavailable,
+    /// Egress: the NHS API platform refused the gateway's signed JWT (502 REC_SERVER_ERROR /
+    /// security): a configuration problem (key, kid, API key) for the operator, not a retry.
+    #[error("The NHS API platform refused the gateway's credentials: {cause}")]
+    EgressTokenRefused {
+        /// The platform's `error`, `error_description` and `message_id`.
+        cause: String,
+    },
+    /// Egress: no access token could be had (503 REC_SERVICE_UNAVAILABLE / transient).
+    #[error("No access token from the NHS API platform: {cause}")]
+    EgressTokenUnavailable {
+        /// Why (unreachable, timeout, malformed answer).
+        cause: String,
+    },
+    /// Egress: the BaRS API gave no answer within the retry rules (504 REC_TIMEOUT / timeout when
+    /// the last attempt timed out, else 503 REC_SERVICE_UNAVAILABLE / transient).
+    #[error("The BaRS API did not answer after {attempts} attempt(s): {cause}")]
+    EgressNoAnswer {
+        /// Attempts made.
+        attempts: u32,
+        /// Whether the last attempt timed out (504) rather than failed to connect (503).
+        timed_out: bool,
+        /// The last failure.
+        cause: String,
+    },
 }
 
 fn reference_suffix(reference: &Option<String>) -> String {
@@ -139,6 +163,12 @@ impl Refusal {
             Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Refusal::EgressTokenRefused { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::EgressTokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::EgressNoAnswer {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::EgressNoAnswer { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -162,6 +192,12 @@ impl Refusal {
             Refusal::Throttled => "REC_TOO_MANY_REQUESTS",
             Refusal::Internal => "REC_SERVER_ERROR",
             Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => "REC_SERVICE_UNAVAILABLE",
+            Refusal::EgressTokenRefused { .. } => "REC_SERVER_ERROR",
+            Refusal::EgressTokenUnavailable { .. } => "REC_SERVICE_UNAVAILABLE",
+            Refusal::EgressNoAnswer {
+                timed_out: true, ..
+            } => "REC_TIMEOUT",
+            Refusal::EgressNoAnswer { .. } => "REC_SERVICE_UNAVAILABLE",
         }
     }
 
@@ -183,6 +219,12 @@ impl Refusal {
             Refusal::Throttled => "throttled",
             Refusal::Internal => "exception",
             Refusal::UpstreamUnavailable | Refusal::StoreUnavailable => "transient",
+            Refusal::EgressTokenRefused { .. } => "security",
+            Refusal::EgressTokenUnavailable { .. } => "transient",
+            Refusal::EgressNoAnswer {
+                timed_out: true, ..
+            } => "timeout",
+            Refusal::EgressNoAnswer { .. } => "transient",
         }
     }
 
@@ -209,6 +251,9 @@ impl Refusal {
             Refusal::Internal => "internal",
             Refusal::UpstreamUnavailable => "upstream_unavailable",
             Refusal::StoreUnavailable => "store_unavailable",
+            Refusal::EgressTokenRefused { .. } => "egress_token_refused",
+            Refusal::EgressTokenUnavailable { .. } => "egress_token_unavailable",
+            Refusal::EgressNoAnswer { .. } => "egress_no_answer",
         }
     }
 
