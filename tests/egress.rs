@@ -1099,3 +1099,26 @@ fn keygen_writes_a_key_the_gateway_loads_and_check_prints_its_jwks() {
     );
     assert!(!report.contains(API_KEY));
 }
+
+#[tokio::test]
+async fn readyz_fails_while_token_requests_fail_and_recovers_with_the_next_token() {
+    let rig = Rig::start().await;
+    let admin = rig.gateway.admin.unwrap();
+    // Readiness is computed in the background (upstream probe): poll until it is first ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::admin_get(admin, "/readyz").await != "ready\n" {
+        assert!(Instant::now() < deadline, "/readyz never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rig.stub.set_token_reply(TokenReply::Error(
+        400,
+        serde_json::json!({"error": "invalid_request", "error_description": "Missing 'kid' header in JWT", "message_id": "rrt-9"}),
+    ));
+    assert_eq!(rig.send(legacy_message()).await.status, 502);
+    assert!(common::admin_get(admin, "/readyz")
+        .await
+        .starts_with("not ready"));
+    rig.stub.set_token_reply(TokenReply::Token("599".into()));
+    assert_eq!(rig.send(legacy_message()).await.status, 200);
+    assert_eq!(common::admin_get(admin, "/readyz").await, "ready\n");
+}
