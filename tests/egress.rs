@@ -124,6 +124,7 @@ fn operation_outcome(status: u16) -> String {
 /// A request the stub BaRS API received.
 #[derive(Debug, Clone)]
 struct ApiSeen {
+    version: http::Version,
     path: String,
     headers: HeaderMap,
     body: Bytes,
@@ -166,7 +167,12 @@ struct StubPlatform {
 }
 
 impl StubPlatform {
+    /// Offers h2 and HTTP/1.1 by ALPN, as the NHS API platform does.
     async fn start(pki: &TestPki) -> StubPlatform {
+        StubPlatform::start_with_alpn(pki, vec![b"h2".to_vec(), b"http/1.1".to_vec()]).await
+    }
+
+    async fn start_with_alpn(pki: &TestPki, alpn: Vec<Vec<u8>>) -> StubPlatform {
         let chain = rustls::pki_types::CertificateDer::pem_file_iter(pki.path("server-chain.pem"))
             .unwrap()
             .collect::<Result<Vec<_>, _>>()
@@ -180,7 +186,7 @@ impl StubPlatform {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -257,6 +263,7 @@ async fn stub_answer(state: &StubState, request: Request<Incoming>) -> Response<
         return token_answer(state, &parts.headers, &body).await;
     }
     let seen = ApiSeen {
+        version: parts.version,
         path: parts.uri.path_and_query().unwrap().to_string(),
         headers: parts.headers.clone(),
         body,
@@ -1121,4 +1128,19 @@ async fn readyz_fails_while_token_requests_fail_and_recovers_with_the_next_token
     rig.stub.set_token_reply(TokenReply::Token("599".into()));
     assert_eq!(rig.send(legacy_message()).await.status, 200);
     assert_eq!(common::admin_get(admin, "/readyz").await, "ready\n");
+}
+
+#[tokio::test]
+async fn the_api_is_called_over_h2_when_offered_and_over_http1_otherwise() {
+    let rig = Rig::start().await;
+    assert_eq!(rig.send(legacy_message()).await.status, 200);
+    assert_eq!(rig.stub.api_seen()[0].version, http::Version::HTTP_2);
+
+    logs();
+    let pki = TestPki::new();
+    let stub = StubPlatform::start_with_alpn(&pki, vec![b"http/1.1".to_vec()]).await;
+    let rig = Rig::start_on(pki, stub, "").await;
+    assert_eq!(rig.send(legacy_message()).await.status, 200);
+    assert_eq!(rig.stub.api_seen()[0].version, http::Version::HTTP_11);
+    assert_eq!(rig.stub.fetches(), 1);
 }
