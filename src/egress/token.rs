@@ -346,11 +346,6 @@ impl TokenSource {
         }
     }
 
-    /// Whether the last token request, if any, succeeded (for `/readyz`).
-    pub async fn healthy(&self) -> bool {
-        self.state.lock().await.last_error.is_none()
-    }
-
     async fn fetch(&self) -> Result<Cached, TokenError> {
         let assertion = self.key.assertion(&self.api_key, &self.audience)?;
         let form = form_urlencoded::Serializer::new(String::new())
