@@ -34,6 +34,8 @@ pub struct Readiness {
     tls_loaded: AtomicBool,
     upstream_ok_at: AtomicI64,
     store_ok: AtomicBool,
+    /// Egress: the last access token request failed (false while none was needed).
+    egress_token_failing: AtomicBool,
 }
 
 impl Readiness {
@@ -42,10 +44,17 @@ impl Readiness {
         self.tls_loaded.store(true, Ordering::Relaxed);
     }
 
-    /// Ready when TLS is loaded and every upstream accepted a connection within [`READY_WINDOW`].
+    /// Egress: records whether the latest access token request succeeded.
+    pub fn set_egress_token_ok(&self, ok: bool) {
+        self.egress_token_failing.store(!ok, Ordering::Relaxed);
+    }
+
+    /// Ready when TLS is loaded and every upstream accepted a connection within [`READY_WINDOW`]
+    /// (and, with `[egress]`, the latest token request, if one was needed, succeeded).
     pub fn is_ready(&self) -> bool {
         let ok_at = self.upstream_ok_at.load(Ordering::Relaxed);
-        self.tls_loaded.load(Ordering::Relaxed)
+        !self.egress_token_failing.load(Ordering::Relaxed)
+            && self.tls_loaded.load(Ordering::Relaxed)
             && self.store_ok.load(Ordering::Relaxed)
             && ok_at > 0
             && unix_now() - ok_at <= READY_WINDOW.as_secs() as i64

@@ -106,6 +106,9 @@ pub fn check(path: &Path) -> CheckReport {
             }
         }
     }
+    if let Some(egress) = &settings.egress {
+        crate::egress::report::describe(egress, &mut report.text, &mut report.errors);
+    }
     finish(report)
 }
 

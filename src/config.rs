@@ -61,6 +61,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// `[log]`.
     pub log: LogSettings,
+    /// `[egress]`: the legacy system as a BaRS sender (DESIGN.md §5b); `None` when absent.
+    pub egress: Option<crate::egress::settings::EgressSettings>,
 }
 
 /// `[listen]`: the public TLS listener and its connection limits.
@@ -297,6 +299,7 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     log: RawLog,
+    egress: Option<crate::egress::settings::RawEgress>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -438,16 +441,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         dedup: v.dedup(raw.dedup)?,
         admin: v.admin(raw.admin)?,
         log: v.log(raw.log)?,
+        egress: raw
+            .egress
+            .map(|raw| crate::egress::settings::validate(raw, &v))
+            .transpose()?,
     })
 }
 
-struct Validator {
-    file: PathBuf,
-    dir: PathBuf,
+/// Turns raw values into settings, every error naming the file and the key (shared with
+/// `egress::settings`).
+pub(crate) struct Validator {
+    pub(crate) file: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl Validator {
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
             key: key.to_string(),
@@ -455,7 +464,7 @@ impl Validator {
         }
     }
 
-    fn path(&self, key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    pub(crate) fn path(&self, key: &str, value: &str) -> Result<PathBuf, ConfigError> {
         if value.trim().is_empty() {
             return Err(self.err(key, "must not be empty"));
         }
@@ -467,7 +476,7 @@ impl Validator {
         })
     }
 
-    fn optional_path(
+    pub(crate) fn optional_path(
         &self,
         key: &str,
         value: Option<String>,
@@ -478,7 +487,7 @@ impl Validator {
         }
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &self,
         key: &str,
         value: Option<String>,

@@ -13,9 +13,11 @@ pub mod check;
 pub mod config;
 pub mod dedup;
 pub mod demo;
+pub mod egress;
 pub mod framing;
 pub mod gateway;
 pub mod idle;
+pub mod keygen;
 pub mod metrics;
 pub mod rejection;
 pub mod reload;
@@ -52,6 +54,9 @@ pub enum StartError {
     /// The dedup store is misconfigured.
     #[error("dedup.redis_url: {0}")]
     Dedup(String),
+    /// The egress side (`[egress]`) could not start.
+    #[error(transparent)]
+    Egress(#[from] egress::EgressStartError),
     /// A listener could not be bound.
     #[error("{key}: cannot listen on {address}: {source}")]
     Bind {
@@ -74,6 +79,7 @@ pub struct Gateway {
     readiness: Arc<admin::Readiness>,
     reloader: Arc<Reloader>,
     file_watch: reload::FileWatch,
+    egress: Option<egress::Egress>,
 }
 
 impl Gateway {
@@ -89,7 +95,7 @@ impl Gateway {
                     path: Default::default(),
                     problem: format!("loading task failed: {e}"),
                 })??;
-        let (metrics, registry) = Metrics::new();
+        let (metrics, mut registry) = Metrics::new();
         metrics.record_certificates(&loaded);
         let metrics = Arc::new(metrics);
         let dedup = dedup::DedupStore::new(
@@ -160,6 +166,18 @@ impl Gateway {
             audit: settings.log.audit,
             http: Shared::http_builder(&settings.listen),
         });
+        let egress = match &settings.egress {
+            Some(e) => Some(
+                egress::Egress::bind(
+                    e,
+                    &mut registry,
+                    Some(readiness.clone()),
+                    settings.log.audit,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let reloader = Arc::new(Reloader::new(shared.clone(), settings.clone()));
         let file_watch = reloader.start_watching();
         Ok(Gateway {
@@ -171,6 +189,7 @@ impl Gateway {
             admin,
             registry: Arc::new(registry),
             readiness,
+            egress,
         })
     }
 
@@ -185,6 +204,11 @@ impl Gateway {
     /// The bound admin address, if the admin listener is enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound egress address, if `[egress]` is configured.
+    pub fn egress_addr(&self) -> Option<SocketAddr> {
+        self.egress.as_ref().map(egress::Egress::local_addr)
     }
 
     /// The metrics, for tests and embedding.
@@ -209,6 +233,7 @@ impl Gateway {
             readiness,
             reloader,
             file_watch,
+            egress,
         } = self;
         let (drain_tx, drain_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -228,6 +253,8 @@ impl Gateway {
             drain_rx.clone(),
         ));
         tokio::spawn(reloader.watch(file_watch, drain_rx.clone()));
+        let egress =
+            egress.map(|e| tokio::spawn(e.serve(drain_rx.clone(), settings.listen.shutdown_grace)));
         let limit = Arc::new(Semaphore::new(settings.listen.max_connections));
         tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "bars-gateway listening");
         tokio::pin!(shutdown);
@@ -276,6 +303,10 @@ impl Gateway {
             .is_err()
         {
             tracing::warn!("shutdown grace expired with connections still open");
+        }
+        if let Some(egress) = egress {
+            // The egress listener drains on the same signal, within its own grace.
+            let _ = egress.await;
         }
         tracing::info!("bars-gateway stopped");
     }

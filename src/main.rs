@@ -1,4 +1,4 @@
-//! The `bars-gateway` command line: `run`, `check`, `demo`. Everything else lives in the library.
+//! The `bars-gateway` command line: `run`, `check`, `demo`, `keygen`. Everything else lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +42,22 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Make the sender's RSA key pair for the NHS API platform: private key, public key PEM to
+    /// register, and a JWKS document with the KID; then print the next steps.
+    Keygen {
+        /// The key id to register, `<Supplier>-<Environment>-<n>`, e.g. MySupplier-INT-1.
+        #[arg(long)]
+        kid: String,
+        /// Directory to write `<kid>.key`, `<kid>.pub.pem` and `<kid>.jwks.json` into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Encrypt the private key with the password in this file (PKCS#8, AES-256).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// RSA modulus size (tests use 2048 to keep debug builds quick).
+        #[arg(long, default_value_t = bars_gateway::keygen::DEFAULT_BITS, hide = true)]
+        bits: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +72,12 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }),
+        Command::Keygen {
+            kid,
+            out,
+            password_file,
+            bits,
+        } => keygen(&kid, &out, password_file.as_deref(), bits),
         Command::Check { config } => {
             let report = bars_gateway::check::check(&config);
             print!("{}", report.text);
@@ -82,6 +104,38 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             })
+        }
+    }
+}
+
+fn keygen(
+    kid: &str,
+    out: &std::path::Path,
+    password_file: Option<&std::path::Path>,
+    bits: usize,
+) -> ExitCode {
+    if bits < 2048 {
+        eprintln!("bars-gateway keygen: --bits must be at least 2048");
+        return ExitCode::from(2);
+    }
+    let password = match password_file.map(std::fs::read_to_string).transpose() {
+        Ok(p) => p.map(|p| p.trim_end_matches(['\r', '\n']).to_string()),
+        Err(e) => {
+            eprintln!("bars-gateway keygen: --password-file: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match bars_gateway::keygen::generate(kid, out, bits, password.as_deref()) {
+        Ok(files) => {
+            print!(
+                "{}",
+                bars_gateway::keygen::next_steps(kid, &files, password.is_some())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bars-gateway keygen: {e}");
+            ExitCode::from(1)
         }
     }
 }

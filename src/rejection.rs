@@ -98,6 +98,12 @@ label_enum! {
         StoreUnavailable => "store_unavailable",
         /// A retry of a request refused with a 4xx whose body was too large to keep.
         ReplayTooLarge => "replay_too_large",
+        /// Egress: the NHS API platform refused the gateway's signed JWT.
+        EgressTokenRefused => "egress_token_refused",
+        /// Egress: no access token could be had.
+        EgressTokenUnavailable => "egress_token_unavailable",
+        /// Egress: the BaRS API gave no answer within the retry rules.
+        EgressNoAnswer => "egress_no_answer",
     }
 }
 

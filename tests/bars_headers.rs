@@ -1344,6 +1344,22 @@ fn every_refusal() -> Vec<Refusal> {
             problem: "an unsolicited protocol upgrade",
         },
         Refusal::ReplayTooLarge { status: 422 },
+        Refusal::EgressTokenRefused {
+            cause: "invalid_request: Invalid 'kid' (message_id rrt-1)".into(),
+        },
+        Refusal::EgressTokenUnavailable {
+            cause: "no answer within 10s".into(),
+        },
+        Refusal::EgressNoAnswer {
+            attempts: 4,
+            timed_out: true,
+            cause: "no response in time".into(),
+        },
+        Refusal::EgressNoAnswer {
+            attempts: 4,
+            timed_out: false,
+            cause: "connection refused".into(),
+        },
     ];
     for refusal in &all {
         match refusal {
@@ -1365,7 +1381,10 @@ fn every_refusal() -> Vec<Refusal> {
             | Refusal::UpstreamUnavailable
             | Refusal::StoreUnavailable
             | Refusal::UpstreamBadResponse { .. }
-            | Refusal::ReplayTooLarge { .. } => {}
+            | Refusal::ReplayTooLarge { .. }
+            | Refusal::EgressTokenRefused { .. }
+            | Refusal::EgressTokenUnavailable { .. }
+            | Refusal::EgressNoAnswer { .. } => {}
         }
     }
     all

@@ -90,6 +90,22 @@ fn demo_once_runs_the_scenario_and_every_outcome_is_as_expected() {
         "the receiver prints what it gets: {context}"
     );
     assert!(stdout.contains("4 of 4 outcomes as expected"), "{context}");
+    // The sending round trip: token, forced transient failure and its retry, the 409 a repeat earns.
+    let token = row(&stdout, "token: signed JWT");
+    assert!(
+        token.contains("got 1 fetch, verified") && token.ends_with("ok"),
+        "{context}"
+    );
+    let sent = row(&stdout, "POST /$process-message via egress");
+    assert!(
+        sent.contains("got 200 after 2 attempts, same ids") && sent.ends_with("ok"),
+        "{context}"
+    );
+    let repeat = row(&stdout, "the same message again");
+    assert!(
+        repeat.contains("got 409 REC_CONFLICT, 1 attempt") && repeat.ends_with("ok"),
+        "{context}"
+    );
     assert_eq!(code, Some(0), "exit 0 when all is as expected: {context}");
     assert!(
         !stdout.contains("curl "),

@@ -142,6 +142,30 @@ pub enum Refusal {
         /// The original answer's status (a 4xx).
         status: u16,
     },
+    /// Egress: the NHS API platform refused the gateway's signed JWT (502 REC_SERVER_ERROR /
+    /// security): a configuration problem (key, kid, API key) for the operator, not a retry.
+    #[error("The NHS API platform refused the gateway's credentials: {cause}")]
+    EgressTokenRefused {
+        /// The platform's `error`, `error_description` and `message_id`.
+        cause: String,
+    },
+    /// Egress: no access token could be had (503 REC_SERVICE_UNAVAILABLE / transient).
+    #[error("No access token from the NHS API platform: {cause}")]
+    EgressTokenUnavailable {
+        /// Why (unreachable, timeout, malformed answer).
+        cause: String,
+    },
+    /// Egress: the BaRS API gave no answer within the retry rules (504 REC_TIMEOUT / timeout when
+    /// the last attempt timed out, else 503 REC_SERVICE_UNAVAILABLE / transient).
+    #[error("The BaRS API did not answer after {attempts} attempt(s): {cause}")]
+    EgressNoAnswer {
+        /// Attempts made.
+        attempts: u32,
+        /// Whether the last attempt timed out (504) rather than failed to connect (503).
+        timed_out: bool,
+        /// The last failure.
+        cause: String,
+    },
 }
 
 fn reference_suffix(reference: &Option<String>) -> String {
@@ -200,6 +224,17 @@ impl Refusal {
                 let status = replayed_status(*status);
                 (status, code_of_4xx(status), "processing", R::ReplayTooLarge)
             }
+            // Egress (the legacy system as a sender): answers to the legacy system.
+            Refusal::EgressTokenRefused { .. } => {
+                (502, "REC_SERVER_ERROR", "security", R::EgressTokenRefused)
+            }
+            Refusal::EgressTokenUnavailable { .. } => {
+                (503, UNAVAILABLE, "transient", R::EgressTokenUnavailable)
+            }
+            Refusal::EgressNoAnswer {
+                timed_out: true, ..
+            } => (504, "REC_TIMEOUT", "timeout", R::EgressNoAnswer),
+            Refusal::EgressNoAnswer { .. } => (503, UNAVAILABLE, "transient", R::EgressNoAnswer),
         };
         Outcome {
             // Every status above is a valid code (ReplayTooLarge's is clamped to 400..=499).

@@ -8,6 +8,7 @@
 pub mod pki;
 pub mod receiver;
 pub mod scenario;
+pub mod sender;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -85,9 +86,16 @@ pub async fn run(once: bool) -> Result<Outcome, DemoError> {
         .await
         .map_err(|e| DemoError::new("cannot start the sample legacy receiver", e))?;
     let preferred = if once { 0 } else { PREFERRED_PORT };
-    let (gateway, settings) = bind_gateway(&pki, &receiver.url(), preferred).await?;
+    let relay_tls = scenario::client_config(&pki, &pki.client_cert, &pki.client_key)?;
+    let stand_in = sender::StandIn::bind(&pki, relay_tls).await?;
+    let (gateway, settings) =
+        bind_gateway(&pki, &receiver.url(), preferred, &stand_in.egress_toml()).await?;
     let addr = gateway.local_addr();
     let admin = gateway.admin_addr();
+    let egress = gateway
+        .egress_addr()
+        .ok_or_else(|| DemoError::msg("the egress listener did not start"))?;
+    let stand_in = stand_in.serve(addr);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let serving = tokio::spawn(gateway.serve(async move {
         let _ = stop_rx.await;
@@ -113,7 +121,14 @@ pub async fn run(once: bool) -> Result<Outcome, DemoError> {
     let target = Target::new(addr, &pki)?;
     let results = scenario::run_scenario(&target, &receiver).await?;
     println!("\n{}", scenario::render_table(&results));
-    let all_as_expected = results.iter().all(StepResult::as_expected);
+    println!(
+        "\nSending as the legacy system: plain HTTP to the egress listener (http://{egress}), which"
+    );
+    println!("fetches a token and sends to a stand-in BaRS API that relays over TLS-MA to the receiver side:");
+    let sent = sender::run_round_trip(egress, &stand_in, scenario::PROCESS_MESSAGE_BODY).await?;
+    println!("\n{}", sender::render(&sent));
+    let all_as_expected =
+        results.iter().all(StepResult::as_expected) && sent.iter().all(|row| row.ok);
 
     let outcome = if once {
         if all_as_expected {
@@ -123,6 +138,8 @@ pub async fn run(once: bool) -> Result<Outcome, DemoError> {
         }
     } else {
         print_try_it_yourself(&pki, &settings, addr, admin, &body_file)?;
+        println!("\n  # Send as the legacy system, through the egress listener (plain HTTP):");
+        println!("{}", sender::curl_line(egress, &body_file));
         wait_for_stop_signal().await;
         println!(
             "\nStopping: draining the gateway, then deleting {}",
@@ -134,6 +151,7 @@ pub async fn run(once: bool) -> Result<Outcome, DemoError> {
     serving
         .await
         .map_err(|e| DemoError::new("the gateway task failed", e))?;
+    drop(stand_in);
     drop(receiver);
     dir.close()
         .map_err(|e| DemoError::new(format!("cannot delete {}", pki.dir.display()), e))?;
@@ -141,7 +159,7 @@ pub async fn run(once: bool) -> Result<Outcome, DemoError> {
 }
 
 /// The gateway's config: everything on loopback, the demo PKI, the sample receiver upstream.
-fn config_toml(port: u16, upstream_url: &str) -> String {
+fn config_toml(port: u16, upstream_url: &str, egress: &str) -> String {
     format!(
         r#"# Written by `bars-gateway demo`: a throwaway gateway on loopback.
 # Relative paths resolve against this file's directory.
@@ -169,12 +187,17 @@ address = "127.0.0.1:0"
 # warn keeps the demo's output readable; "info" shows the audit record of every request.
 level = "warn"
 format = "text"
-"#
+{egress}"#
     )
 }
 
-fn write_config(path: &Path, port: u16, upstream_url: &str) -> Result<Settings, DemoError> {
-    std::fs::write(path, config_toml(port, upstream_url))
+fn write_config(
+    path: &Path,
+    port: u16,
+    upstream_url: &str,
+    egress: &str,
+) -> Result<Settings, DemoError> {
+    std::fs::write(path, config_toml(port, upstream_url, egress))
         .map_err(|e| DemoError::new(format!("cannot write {}", path.display()), e))?;
     config::load(path).map_err(|e| DemoError::new("the demo config is invalid", e))
 }
@@ -185,9 +208,10 @@ async fn bind_gateway(
     pki: &DemoPki,
     upstream_url: &str,
     preferred: u16,
+    egress: &str,
 ) -> Result<(Gateway, Settings), DemoError> {
     let path = pki.dir.join("config.toml");
-    let settings = write_config(&path, preferred, upstream_url)?;
+    let settings = write_config(&path, preferred, upstream_url, egress)?;
     crate::init_logging(&settings.log);
     match Gateway::bind(settings.clone()).await {
         Ok(gateway) => Ok((gateway, settings)),
@@ -195,7 +219,7 @@ async fn bind_gateway(
             key: "listen.address",
             ..
         }) if preferred != 0 => {
-            let settings = write_config(&path, 0, upstream_url)?;
+            let settings = write_config(&path, 0, upstream_url, egress)?;
             let gateway = Gateway::bind(settings.clone())
                 .await
                 .map_err(|e| DemoError::new("cannot start the gateway", e))?;

@@ -122,7 +122,9 @@ impl Target {
     }
 }
 
-fn client_config(
+/// A TLS-MA client config trusting the demo root and presenting `cert` (also the stand-in
+/// platform's relay in `sender`).
+pub(crate) fn client_config(
     pki: &DemoPki,
     cert: &std::path::Path,
     key: &std::path::Path,

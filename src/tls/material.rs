@@ -194,11 +194,22 @@ pub fn load_server_identity(
 
 /// The password for an encrypted key: the configured file, else the systemd credential.
 fn read_password(key: &str, configured: Option<&Path>) -> Result<Option<String>, MaterialError> {
+    read_secret(key, configured, KEY_PASSWORD_CREDENTIAL)
+}
+
+/// A one-line secret (password, API key): the configured file, else the systemd credential
+/// `credential` in `$CREDENTIALS_DIRECTORY`; `None` when neither exists. A trailing newline is not
+/// part of the secret.
+pub fn read_secret(
+    key: &str,
+    configured: Option<&Path>,
+    credential: &str,
+) -> Result<Option<String>, MaterialError> {
     let path = match configured {
         Some(p) => p.to_path_buf(),
         None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
             Some(dir) => {
-                let p = Path::new(&dir).join(KEY_PASSWORD_CREDENTIAL);
+                let p = Path::new(&dir).join(credential);
                 if !p.exists() {
                     return Ok(None);
                 }
@@ -208,7 +219,7 @@ fn read_password(key: &str, configured: Option<&Path>) -> Result<Option<String>,
         },
     };
     let text = std::fs::read_to_string(&path)
-        .map_err(|e| MaterialError::new(key, &path, format!("cannot read the password: {e}")))?;
+        .map_err(|e| MaterialError::new(key, &path, format!("cannot read: {e}")))?;
     // A password file written with `echo` ends in a newline that is not part of the password.
     Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
 }
@@ -217,24 +228,54 @@ fn read_private_key(
     path: &Path,
     password_file: Option<&Path>,
 ) -> Result<PrivateKeyDer<'static>, MaterialError> {
-    const KEY: &str = "tls.private_key";
-    let bytes = read_file(KEY, path)?;
+    read_private_key_as(
+        PrivateKeyKeys {
+            key: "tls.private_key",
+            password_key: "tls.private_key_password_file",
+            credential: KEY_PASSWORD_CREDENTIAL,
+        },
+        path,
+        password_file,
+    )
+}
+
+/// The config keys and systemd credential a private key is read under, for messages.
+#[derive(Debug, Clone, Copy)]
+pub struct PrivateKeyKeys {
+    /// The key file's config key, e.g. `tls.private_key`.
+    pub key: &'static str,
+    /// The password file's config key.
+    pub password_key: &'static str,
+    /// The systemd credential holding the password when no file is configured.
+    pub credential: &'static str,
+}
+
+/// Reads a PEM or DER private key (PKCS#8 plain or encrypted, PKCS#1, SEC1), errors naming `keys`.
+pub fn read_private_key_as(
+    keys: PrivateKeyKeys,
+    path: &Path,
+    password_file: Option<&Path>,
+) -> Result<PrivateKeyDer<'static>, MaterialError> {
+    let name = keys.key;
+    let bytes = read_file(name, path)?;
     let text = String::from_utf8_lossy(&bytes);
     if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
         let password =
-            read_password("tls.private_key_password_file", password_file)?.ok_or_else(|| {
+            read_secret(keys.password_key, password_file, keys.credential)?.ok_or_else(|| {
                 MaterialError::new(
-                    KEY,
+                    name,
                     path,
-                    "the key is encrypted: set tls.private_key_password_file or provide the \
-                     systemd credential key-password",
+                    format!(
+                        "the key is encrypted: set {} or provide the systemd credential {}",
+                        keys.password_key, keys.credential
+                    ),
                 )
             })?;
-        return decrypt_pkcs8(path, &bytes, &password);
+        return decrypt_pkcs8(name, path, &bytes, &password);
     }
     if text.contains("Proc-Type: 4,ENCRYPTED") {
         return Err(MaterialError::new(
-            KEY,
+            name,
             path,
             "legacy OpenSSL PEM encryption is not supported: convert with \
              `openssl pkcs8 -topk8 -v2 aes-256-cbc -in old.key -out new.key`",
@@ -243,7 +284,7 @@ fn read_private_key(
     if looks_like_pem(&bytes) {
         return PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
             MaterialError::new(
-                KEY,
+                name,
                 path,
                 format!("no usable private key (PKCS#8, PKCS#1 RSA or SEC1 EC PEM expected): {e}"),
             )
@@ -251,40 +292,40 @@ fn read_private_key(
     }
     if bytes.first() == Some(&0x30) {
         return PrivateKeyDer::try_from(bytes)
-            .map_err(|e| MaterialError::new(KEY, path, format!("invalid DER private key: {e}")));
+            .map_err(|e| MaterialError::new(name, path, format!("invalid DER private key: {e}")));
     }
     Err(MaterialError::new(
-        KEY,
+        name,
         path,
         "not a PEM or DER private key",
     ))
 }
 
 fn decrypt_pkcs8(
+    name: &str,
     path: &Path,
     pem: &[u8],
     password: &str,
 ) -> Result<PrivateKeyDer<'static>, MaterialError> {
-    const KEY: &str = "tls.private_key";
     let text = std::str::from_utf8(pem)
-        .map_err(|_| MaterialError::new(KEY, path, "the PEM file is not UTF-8"))?;
+        .map_err(|_| MaterialError::new(name, path, "the PEM file is not UTF-8"))?;
     let begin = text
         .find("-----BEGIN ENCRYPTED PRIVATE KEY-----")
         .unwrap_or_default();
     let (label, der) = pkcs8::der::pem::decode_vec(&text.as_bytes()[begin..])
-        .map_err(|e| MaterialError::new(KEY, path, format!("invalid PEM: {e}")))?;
+        .map_err(|e| MaterialError::new(name, path, format!("invalid PEM: {e}")))?;
     if label != "ENCRYPTED PRIVATE KEY" {
         return Err(MaterialError::new(
-            KEY,
+            name,
             path,
             "expected an ENCRYPTED PRIVATE KEY block",
         ));
     }
     let info = pkcs8::EncryptedPrivateKeyInfoRef::try_from(der.as_slice())
-        .map_err(|e| MaterialError::new(KEY, path, format!("invalid encrypted PKCS#8: {e}")))?;
+        .map_err(|e| MaterialError::new(name, path, format!("invalid encrypted PKCS#8: {e}")))?;
     let doc = info.decrypt(password.as_bytes()).map_err(|e| {
         MaterialError::new(
-            KEY,
+            name,
             path,
             format!("cannot decrypt the key (wrong password, or an unsupported cipher): {e}"),
         )

@@ -500,6 +500,8 @@ pub async fn dead_port_url() -> String {
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// The egress listener, when `[egress]` is configured.
+    pub egress: Option<SocketAddr>,
     pub reloader: Arc<bars_gateway::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -511,6 +513,7 @@ impl TestGateway {
         let gateway = Gateway::bind(settings).await.expect("gateway binds");
         let addr = gateway.local_addr();
         let admin = gateway.admin_addr();
+        let egress = gateway.egress_addr();
         let reloader = gateway.reloader();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async move {
@@ -519,6 +522,7 @@ impl TestGateway {
         TestGateway {
             addr,
             admin,
+            egress,
             reloader,
             stop: Some(tx),
             task: Some(task),
