@@ -465,8 +465,9 @@ async fn can_listen_on(address: &str, test: &str) -> bool {
     match TcpListener::bind(address).await {
         Ok(_) => true,
         Err(error) => {
-            eprintln!(
-                "\n*** SKIPPED {test}: cannot listen on {address} ({error}); IPv6 loopback unavailable here ***\n"
+            skip(
+                test,
+                &format!("cannot listen on {address} ({error}); IPv6 loopback unavailable here"),
             );
             false
         }
@@ -539,10 +540,10 @@ async fn ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4() {
     .await;
     let port = rig.gateway.addr.port();
     let Ok(tcp) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
-        eprintln!(
-            "\n*** SKIPPED ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4: the [::] listener does not accept IPv4 (net.ipv6.bindv6only=1?) ***\n"
+        return skip(
+            "ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4",
+            "the [::] listener does not accept IPv4 (net.ipv6.bindv6only=1?)",
         );
-        return;
     };
     let reply = send_after(&rig, tcp, b"").await;
     assert_eq!(reply.status, 200);

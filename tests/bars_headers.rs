@@ -1390,21 +1390,21 @@ fn run_fhir_check(dir: &Path) {
     {
         Ok(output) => output,
         Err(e) => {
-            eprintln!(
-                "\n*** SKIPPED: FHIR conformance check: cannot run python3 ({e}); \
-                 install Python 3 and then: pip install fhir.resources ***\n"
+            return skip(
+                "FHIR conformance check",
+                &format!(
+                    "cannot run python3 ({e}); install Python 3 and then: pip install fhir.resources"
+                ),
             );
-            return;
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if output.status.code() == Some(77) {
-        eprintln!(
-            "\n*** SKIPPED: FHIR conformance check: the Python package fhir.resources is missing; \
-             install with pip install fhir.resources ***\n"
+        return skip(
+            "FHIR conformance check",
+            "the Python package fhir.resources is missing (pip install fhir.resources)",
         );
-        return;
     }
     eprintln!("{stdout}");
     assert!(

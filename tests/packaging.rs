@@ -36,9 +36,9 @@ fn systemd_analyze(check: &str) -> Option<PathBuf> {
     if found {
         Some(PathBuf::from("systemd-analyze"))
     } else {
-        eprintln!(
-            "\n*** SKIPPED {check}: systemd-analyze is not installed \
-             (apt-get install systemd) ***\n"
+        skip(
+            check,
+            "systemd-analyze is not installed (apt-get install systemd)",
         );
         None
     }
@@ -289,11 +289,10 @@ fn alert_rules_pass_promtool_when_installed() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !present {
-        eprintln!(
-            "\n*** SKIPPED alert_rules_pass_promtool_when_installed: promtool is not installed \
-             (apt-get install prometheus) ***\n"
+        return skip(
+            "alert_rules_pass_promtool_when_installed",
+            "promtool is not installed (apt-get install prometheus)",
         );
-        return;
     }
     let out = Command::new("promtool")
         .args(["check", "rules"])

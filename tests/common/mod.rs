@@ -25,6 +25,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
+mod skip;
+#[allow(unused_imports)] // each test crate uses only some of them
+pub use skip::{running_in_ci, skip, tool_runs};
+
 /// The CN the BaRS PROD proxy presents (BARS-CONTEXT.md).
 pub const PROXY_CN: &str = "bars-proxy.spineservices.nhs.uk";
 /// Serial number of the revoked client certificate.
@@ -819,7 +823,7 @@ pub fn metadata() -> Request<Full<Bytes>> {
 // ---------------------------------------------------------------------------------------------
 
 /// A real `redis-server` on a free loopback port, killed on drop. `None` (with a loud message)
-/// when redis-server is not on PATH; CI installs it, so CI never skips.
+/// when redis-server is not on PATH; CI installs it, and fails the test if it is missing.
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
@@ -834,7 +838,10 @@ impl RedisServer {
             .output()
             .is_err()
         {
-            eprintln!("\n*** SKIPPED: redis-server is not on PATH (apt-get install redis-server); .ci/run installs it ***\n");
+            skip(
+                "this Redis test",
+                "redis-server is not on PATH (apt-get install redis-server)",
+            );
             return None;
         }
         let port = {
