@@ -140,6 +140,7 @@ fn read_pem_or_der<T: PemObject + From<Vec<u8>>>(
 ) -> Result<Vec<T>, MaterialError> {
     let bytes = read_file(key, path)?;
     if looks_like_pem(&bytes) {
+        let bytes = without_byte_order_marks(bytes);
         let items = T::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| MaterialError::new(key, path, format!("invalid PEM: {e}")))?;
@@ -162,8 +163,43 @@ fn read_pem_or_der<T: PemObject + From<Vec<u8>>>(
     }
 }
 
+/// The UTF-8 byte-order mark some Windows editors put at the start of a text file (and that
+/// `cat a.pem b.pem` then carries into the middle of one). It is never part of PEM, and a PEM
+/// parser would skip the `-----BEGIN` line it sticks to, so it is removed wherever it is.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+fn without_byte_order_marks(bytes: Vec<u8>) -> Vec<u8> {
+    if !bytes.windows(UTF8_BOM.len()).any(|w| w == UTF8_BOM) {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes.as_slice();
+    while let Some(at) = rest.windows(UTF8_BOM.len()).position(|w| w == UTF8_BOM) {
+        out.extend_from_slice(&rest[..at]);
+        rest = &rest[at + UTF8_BOM.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 fn looks_like_pem(bytes: &[u8]) -> bool {
     bytes.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_marks_are_removed_wherever_they_are() {
+        let text = b"\xEF\xBB\xBF-----BEGIN X-----\nAA==\n-----END X-----\n\xEF\xBB\xBF-----BEGIN X-----\n";
+        let clean = without_byte_order_marks(text.to_vec());
+        assert!(clean.starts_with(b"-----BEGIN X-----"));
+        assert!(!clean.windows(3).any(|w| w == UTF8_BOM));
+        assert_eq!(clean.len(), text.len() - 6);
+        let plain = b"-----BEGIN X-----\n".to_vec();
+        assert_eq!(without_byte_order_marks(plain.clone()), plain);
+    }
 }
 
 /// Loads the server identity from PEM files or a PKCS#12 bundle.
@@ -218,7 +254,10 @@ fn read_private_key(
     password_file: Option<&Path>,
 ) -> Result<PrivateKeyDer<'static>, MaterialError> {
     const KEY: &str = "tls.private_key";
-    let bytes = read_file(KEY, path)?;
+    let mut bytes = read_file(KEY, path)?;
+    if looks_like_pem(&bytes) {
+        bytes = without_byte_order_marks(bytes);
+    }
     let text = String::from_utf8_lossy(&bytes);
     if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
         let password =
