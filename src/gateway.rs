@@ -188,6 +188,7 @@ pub async fn serve_connection(
         shared.metrics.reject("no_client_certificate");
         return;
     };
+    shared.metrics.tls_handshakes.inc();
     let conn = Arc::new(Connection {
         client: admitted.client,
         forwarded_for: header_value(&admitted.client.ip().to_string())

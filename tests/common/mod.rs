@@ -731,6 +731,36 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// A plain HTTP GET to the admin listener: (status, content type, body).
+pub async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", "admin")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
 // --- The real binary: SIGHUP and SIGTERM ------------------------------------------------------
 
 #[tokio::test]
