@@ -186,22 +186,6 @@ fn looks_like_pem(bytes: &[u8]) -> bool {
     bytes.windows(11).any(|w| w == b"-----BEGIN ")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_order_marks_are_removed_wherever_they_are() {
-        let text = b"\xEF\xBB\xBF-----BEGIN X-----\nAA==\n-----END X-----\n\xEF\xBB\xBF-----BEGIN X-----\n";
-        let clean = without_byte_order_marks(text.to_vec());
-        assert!(clean.starts_with(b"-----BEGIN X-----"));
-        assert!(!clean.windows(3).any(|w| w == UTF8_BOM));
-        assert_eq!(clean.len(), text.len() - 6);
-        let plain = b"-----BEGIN X-----\n".to_vec();
-        assert_eq!(without_byte_order_marks(plain.clone()), plain);
-    }
-}
-
 /// Loads the server identity from PEM files or a PKCS#12 bundle.
 pub fn load_server_identity(
     source: &ServerIdentitySource,
@@ -376,4 +360,20 @@ fn load_pkcs12(path: &Path, password_file: Option<&Path>) -> Result<ServerIdenti
         chain_source: (KEY.into(), path.to_path_buf()),
         key_source: (KEY.into(), path.to_path_buf()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_marks_are_removed_wherever_they_are() {
+        let text = b"\xEF\xBB\xBF-----BEGIN X-----\nAA==\n-----END X-----\n\xEF\xBB\xBF-----BEGIN X-----\n";
+        let clean = without_byte_order_marks(text.to_vec());
+        assert!(clean.starts_with(b"-----BEGIN X-----"));
+        assert!(!clean.windows(3).any(|w| w == UTF8_BOM));
+        assert_eq!(clean.len(), text.len() - 6);
+        let plain = b"-----BEGIN X-----\n".to_vec();
+        assert_eq!(without_byte_order_marks(plain.clone()), plain);
+    }
 }
