@@ -230,7 +230,14 @@ fn read_password(key: &str, configured: Option<&Path>) -> Result<Option<String>,
     let text = std::fs::read_to_string(&path)
         .map_err(|e| MaterialError::new(key, &path, format!("cannot read the password: {e}")))?;
     // A password file written with `echo` ends in a newline that is not part of the password.
-    Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+    let password = text.trim_end_matches(['\r', '\n']).to_string();
+    // The unit's `SetCredential=key-password:\n` is the credential when the file for
+    // `LoadCredential=` is absent (an unencrypted key needs none): empty once trimmed, it means
+    // "no password", so an encrypted key gets the "the key is encrypted" message.
+    if configured.is_none() && password.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(password))
 }
 
 fn read_private_key(
