@@ -996,12 +996,7 @@ impl Validator {
 
     fn log(&self, raw: RawLog) -> Result<LogSettings, ConfigError> {
         let level = raw.level.unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            return Err(self.err(
-                "log.level",
-                format!("{level:?} is not a level (error, warn, info, debug, trace) or filter"),
-            ));
-        }
+        check_log_filter(&level).map_err(|m| self.err("log.level", m))?;
         let format = match raw.format.as_deref().unwrap_or("json") {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
@@ -1018,6 +1013,52 @@ impl Validator {
             audit: raw.audit.unwrap_or(true),
         })
     }
+}
+
+/// The level names `log.level` accepts, alone or after `target=`.
+const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// Checks a `log.level` value: a level, or a `tracing` filter whose every directive ends in a
+/// level (`info,bars_gateway=debug`). A bare word that is not a level is refused: `tracing`
+/// reads "warning" as "every level of the target named warning", which silences every line,
+/// ERROR included.
+fn check_log_filter(value: &str) -> Result<(), String> {
+    let known = LOG_LEVELS.join(", ");
+    let directives: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(format!("must name a level: one of {known}"));
+    }
+    for directive in directives {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (Some(target), level.trim()),
+            None => (None, directive),
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            let hint = match level.to_ascii_lowercase().as_str() {
+                "warning" => " (did you mean \"warn\"?)",
+                "information" | "informational" | "notice" => " (did you mean \"info\"?)",
+                "err" | "fatal" | "critical" | "crit" => " (did you mean \"error\"?)",
+                "verbose" => " (did you mean \"debug\"?)",
+                _ => "",
+            };
+            return Err(match target {
+                None => format!(
+                    "{level:?} is not a level{hint}: use one of {known}, or a filter like \
+                     \"info,bars_gateway=debug\""
+                ),
+                Some(t) => format!(
+                    "{directive:?}: {level:?} is not a level for {t:?}{hint}: use one of {known}"
+                ),
+            });
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(value)
+        .map(|_| ())
+        .map_err(|e| format!("{value:?} is not a valid filter: {e}"))
 }
 
 /// A path prefix we are willing to route on: starts with '/', plain segments only.
@@ -1303,6 +1344,33 @@ url = "http://127.0.0.1:8080/legacy/fhir/"
             ServerIdentitySource::Pkcs12 { .. }
         ));
         assert_eq!(s.upstream.routes.len(), 1);
+    }
+
+    #[test]
+    fn log_level_must_be_a_level_not_a_word_that_silences_everything() {
+        for bad in [
+            "warning",
+            "information",
+            "WARNING",
+            "info,bars_gateway=verbose",
+            "",
+        ] {
+            let msg = parse_err(&format!("{MINIMAL}\n[log]\nlevel = \"{bad}\"\n"));
+            assert!(msg.contains("log.level"), "{bad}: {msg}");
+        }
+        let msg = parse_err(&format!("{MINIMAL}\n[log]\nlevel = \"warning\"\n"));
+        assert!(msg.contains("did you mean \"warn\""), "{msg}");
+        for good in [
+            "warn",
+            "INFO",
+            "error",
+            "info,bars_gateway=debug",
+            "off",
+            "debug,hyper=warn",
+        ] {
+            let s = parse_ok(&format!("{MINIMAL}\n[log]\nlevel = \"{good}\"\n"));
+            assert_eq!(s.log.level, good);
+        }
     }
 
     #[test]

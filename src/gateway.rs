@@ -200,6 +200,7 @@ pub async fn serve_connection(
         shared.metrics.reject(RejectionReason::NoClientCertificate);
         return;
     };
+    shared.metrics.tls_handshakes.inc();
     let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
     let framing = (!is_h2).then(|| Arc::new(FramingWatch::default()));
     let conn = Arc::new(Connection {

@@ -18,6 +18,7 @@ pub mod framing;
 pub mod gateway;
 pub mod idle;
 pub mod keygen;
+pub mod logging;
 pub mod metrics;
 pub mod rejection;
 pub mod reload;
@@ -35,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use admission::RefusalLogLimiter;
-use config::{LogFormat, LogSettings, Settings};
+use config::{LogSettings, Settings};
 use gateway::{LiveState, Shared};
 use metrics::Metrics;
 use reload::admission_policy;
@@ -237,6 +238,10 @@ impl Gateway {
         } = self;
         let (drain_tx, drain_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        let admin_address = admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "disabled".to_string(), |a| a.to_string());
         if let Some(admin_listener) = admin {
             tokio::spawn(admin::serve(
                 admin_listener,
@@ -245,10 +250,27 @@ impl Gateway {
                 drain_rx.clone(),
             ));
         }
+        let tls_check: admin::TlsCheck = {
+            let shared = shared.clone();
+            Arc::new(move || {
+                let live = shared.live.load();
+                let leaf = live.tls.server_leaf();
+                if leaf.not_after < tls::inspect::unix_now() {
+                    Err(format!(
+                        "the served certificate {} expired at {}",
+                        leaf.display_name(),
+                        tls::inspect::format_time(leaf.not_after)
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+        };
         tokio::spawn(readiness.probe(
             shared.upstreams.authorities(),
             settings.upstream.connect_timeout,
             shared.dedup.clone(),
+            tls_check,
             shared.metrics.clone(),
             drain_rx.clone(),
         ));
@@ -256,7 +278,18 @@ impl Gateway {
         let egress =
             egress.map(|e| tokio::spawn(e.serve(drain_rx.clone(), settings.listen.shutdown_grace)));
         let limit = Arc::new(Semaphore::new(settings.listen.max_connections));
-        tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "bars-gateway listening");
+        let startup = StartupFacts::of(&settings, &shared);
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            environment = startup.environment,
+            address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            admin = %admin_address,
+            upstreams = %startup.upstreams,
+            dedup = %startup.dedup,
+            nearest_certificate_expiry_days = startup.nearest_expiry_days,
+            nearest_certificate = %startup.nearest_certificate,
+            "bars-gateway listening"
+        );
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -271,6 +304,7 @@ impl Gateway {
                 },
                 _ = &mut shutdown => break,
             };
+            shared.metrics.connections_accepted.inc();
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 shared
                     .metrics
@@ -312,26 +346,61 @@ impl Gateway {
     }
 }
 
+/// What the startup line states besides the addresses: the facts an operator checks first.
+struct StartupFacts {
+    environment: &'static str,
+    upstreams: String,
+    dedup: String,
+    nearest_expiry_days: i64,
+    nearest_certificate: String,
+}
+
+impl StartupFacts {
+    fn of(settings: &Settings, shared: &Shared) -> StartupFacts {
+        let environment = match settings.client.environment {
+            config::Environment::Int => "int",
+            config::Environment::Prod => "prod",
+            config::Environment::Custom => "custom",
+        };
+        let mut upstreams: Vec<String> = settings
+            .upstream
+            .url
+            .iter()
+            .map(|u| u.uri.to_string())
+            .collect();
+        upstreams.extend(
+            settings
+                .upstream
+                .routes
+                .iter()
+                .map(|(target, url)| format!("{target} -> {}", url.uri)),
+        );
+        let dedup = match &settings.dedup.backend {
+            config::DedupBackend::Memory => "memory".to_string(),
+            config::DedupBackend::Redis { url } => format!("redis {}", check::redact_url(url)),
+        };
+        let live = shared.live.load();
+        let now = tls::inspect::unix_now();
+        let nearest = live
+            .tls
+            .server_chain
+            .iter()
+            .chain(live.tls.client_cas.iter().map(|(_, c)| c))
+            .min_by_key(|c| c.not_after);
+        StartupFacts {
+            environment,
+            upstreams: upstreams.join(", "),
+            dedup,
+            nearest_expiry_days: nearest.map_or(0, |c| c.days_left(now)),
+            nearest_certificate: nearest.map_or_else(String::new, |c| c.display_name().to_string()),
+        }
+    }
+}
+
 /// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
+/// See [`logging`] for the journal priorities and when colour is used.
 pub fn init_logging(log: &LogSettings) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(&log.level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    logging::init(log);
 }
 
 /// Runs the gateway from validated settings until SIGTERM or SIGINT; SIGHUP reloads TLS material.

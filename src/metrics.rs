@@ -12,6 +12,39 @@ use prometheus_client::registry::Registry;
 use crate::rejection::RejectionReason;
 use crate::tls::LoadedTls;
 
+// The known values of each counter's label, created at 0 when the registry is made, so that every
+// series exists from the first scrape and an alert on `increase(...[5m]) > 0` fires on the first
+// event (a series that appears at 1 has no earlier sample to increase from). One list per label,
+// here and nowhere else; a value missing from its list still counts, it just starts late.
+
+/// Every `outcome` of `dedup_total` (src/dedup/).
+pub const KNOWN_DEDUP_OUTCOMES: &[&str] = &[
+    "first",
+    "in_flight",
+    "duplicate",
+    "replayed",
+    "id_reused",
+    "store_error",
+    "evicted",
+    "uncertain",
+    "first_after_uncertain",
+    "late",
+];
+
+/// Every `reason` of `tls_handshake_failures_total` (src/gateway.rs).
+pub const KNOWN_HANDSHAKE_FAILURE_REASONS: &[&str] = &[
+    "bad_certificate",
+    "no_client_certificate",
+    "incompatible",
+    "invalid_message",
+    "other",
+    "io",
+    "timeout",
+];
+
+/// Every `result` of `reloads_total` (src/reload.rs).
+pub const KNOWN_RELOAD_RESULTS: &[&str] = &["success", "failure"];
+
 /// `{status}` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
@@ -61,6 +94,13 @@ pub enum CertRole {
     client_ca,
 }
 
+/// `{issuer}` label of the CRL gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabel {
+    /// The CRL issuer's DN.
+    pub issuer: String,
+}
+
 /// `{role, subject}` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
@@ -95,6 +135,20 @@ pub struct Metrics {
     pub upstream_failures: Family<KindLabel, Counter>,
     /// Identity headers forwarded although their shape is unexpected (DESIGN.md §5a).
     pub identity_header_warnings: Family<IdentityWarningLabel, Counter>,
+    /// 1 when the last reload (or the start) succeeded, 0 while a failed one left the previous
+    /// material in service: unlike `increase(reloads_total{result="failure"})`, it stays 0 until
+    /// a reload succeeds.
+    pub last_reload_success: Gauge,
+    /// When the last reload attempt (or the start) happened, Unix seconds.
+    pub last_reload_timestamp: Gauge,
+    /// nextUpdate of each loaded CRL, Unix seconds, by issuer.
+    pub crl_next_update: Family<IssuerLabel, Gauge>,
+    /// Entries in the dedup store (memory store; absent for Redis, which other keys share).
+    pub dedup_entries: Gauge,
+    /// TCP connections accepted on the public listener (before admission).
+    pub connections_accepted: Counter,
+    /// TLS handshakes completed with a verified client certificate.
+    pub tls_handshakes: Counter,
 }
 
 /// `{kind}` label.
@@ -133,10 +187,35 @@ impl Metrics {
             ready: Gauge::default(),
             upstream_failures: Family::default(),
             identity_header_warnings: Family::default(),
+            last_reload_success: Gauge::default(),
+            last_reload_timestamp: Gauge::default(),
+            crl_next_update: Family::default(),
+            dedup_entries: Gauge::default(),
+            connections_accepted: Counter::default(),
+            tls_handshakes: Counter::default(),
         };
         for kind in UPSTREAM_FAILURE_KINDS {
             drop(m.upstream_failures.get_or_create(&KindLabel { kind }));
         }
+        // Every `reason` of `rejections_total` comes from the one enum (src/rejection.rs).
+        for reason in RejectionReason::ALL {
+            let _ = m.rejections.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
+        }
+        for &outcome in KNOWN_DEDUP_OUTCOMES {
+            let _ = m.dedup.get_or_create(&OutcomeLabel { outcome });
+        }
+        for &reason in KNOWN_HANDSHAKE_FAILURE_REASONS {
+            let _ = m
+                .tls_handshake_failures
+                .get_or_create(&ReasonLabel { reason });
+        }
+        for &result in KNOWN_RELOAD_RESULTS {
+            let _ = m.reloads.get_or_create(&ResultLabel { result });
+        }
+        // The start is the first load: it succeeded, or there would be no registry to scrape.
+        m.record_reload(true);
         registry.register(
             "requests",
             "Responses sent, by HTTP status",
@@ -194,6 +273,36 @@ impl Metrics {
             m.identity_header_warnings.clone(),
         );
         registry.register(
+            "last_reload_success",
+            "1 when the last TLS reload (or the start) succeeded, 0 while the previous material stays in service after a failure",
+            m.last_reload_success.clone(),
+        );
+        registry.register(
+            "last_reload_timestamp_seconds",
+            "When the last TLS reload attempt (or the start) happened, Unix seconds",
+            m.last_reload_timestamp.clone(),
+        );
+        registry.register(
+            "crl_next_update_timestamp_seconds",
+            "nextUpdate of each loaded client CRL, Unix seconds",
+            m.crl_next_update.clone(),
+        );
+        registry.register(
+            "dedup_entries",
+            "Request ids held by the memory dedup store",
+            m.dedup_entries.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "TCP connections accepted on the public listener, before admission",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes completed with a verified client certificate",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -217,8 +326,25 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a reload attempt (or the start): its result and when.
+    pub fn record_reload(&self, success: bool) {
+        self.last_reload_success.set(i64::from(success));
+        self.last_reload_timestamp
+            .set(crate::tls::inspect::unix_now());
+    }
+
     /// Sets the expiry gauges from freshly loaded TLS material (replacing the old set).
     pub fn record_certificates(&self, tls: &LoadedTls) {
+        self.crl_next_update.clear();
+        for (_, crl) in &tls.crls {
+            if let Some(next) = crl.next_update {
+                self.crl_next_update
+                    .get_or_create(&IssuerLabel {
+                        issuer: crl.issuer.clone(),
+                    })
+                    .set(next);
+            }
+        }
         self.certificate_expiry.clear();
         for (i, cert) in tls.server_chain.iter().enumerate() {
             let role = if i == 0 {

@@ -200,6 +200,7 @@ impl Reloader {
                     restart_required: restart_required(&old, &new),
                 };
                 metrics.record_certificates(&tls);
+                metrics.record_reload(true);
                 self.shared.live.store(Arc::new(LiveState {
                     tls,
                     admission: admission_policy(&new),
@@ -226,6 +227,7 @@ impl Reloader {
                 Ok(report)
             }
             Err(e) => {
+                metrics.record_reload(false);
                 metrics
                     .reloads
                     .get_or_create(&ResultLabel { result: "failure" })

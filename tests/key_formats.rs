@@ -3,7 +3,7 @@
 //! loaded and used in a real handshake; and `check`'s verdicts and exit codes.
 //!
 //! The material is made by the real `openssl` CLI; without it these tests print SKIPPED (CI
-//! installs it).
+//! installs it, and fails them if it is missing).
 
 mod common;
 
@@ -19,7 +19,10 @@ fn have_openssl() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: `openssl` is not on PATH; install it (apt-get install openssl) to run this test");
+        skip(
+            "this openssl-made material test",
+            "`openssl` is not on PATH (apt-get install openssl)",
+        );
     }
     ok
 }

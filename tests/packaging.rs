@@ -36,9 +36,9 @@ fn systemd_analyze(check: &str) -> Option<PathBuf> {
     if found {
         Some(PathBuf::from("systemd-analyze"))
     } else {
-        eprintln!(
-            "\n*** SKIPPED {check}: systemd-analyze is not installed \
-             (apt-get install systemd) ***\n"
+        skip(
+            check,
+            "systemd-analyze is not installed (apt-get install systemd)",
         );
         None
     }
@@ -125,6 +125,14 @@ fn systemd_unit_waits_longer_than_the_shutdown_grace() {
         setting("LoadCredential"),
         format!(
             "{}:/etc/bars-gateway/tls/key-password",
+            bars_gateway::tls::material::KEY_PASSWORD_CREDENTIAL
+        )
+    );
+    // The default when the file is missing, so an unencrypted key needs no credential file.
+    assert_eq!(
+        setting("SetCredential"),
+        format!(
+            r"{}:\n",
             bars_gateway::tls::material::KEY_PASSWORD_CREDENTIAL
         )
     );
@@ -289,11 +297,10 @@ fn alert_rules_pass_promtool_when_installed() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !present {
-        eprintln!(
-            "\n*** SKIPPED alert_rules_pass_promtool_when_installed: promtool is not installed \
-             (apt-get install prometheus) ***\n"
+        return skip(
+            "alert_rules_pass_promtool_when_installed",
+            "promtool is not installed (apt-get install prometheus)",
         );
-        return;
     }
     let out = Command::new("promtool")
         .args(["check", "rules"])
@@ -348,6 +355,22 @@ fn container_image_runs_as_non_root_with_a_health_story() {
             .any(|i| i.contains("cargo build --release --locked")),
         "a builder stage running cargo build --release --locked"
     );
+    // Both base images are build arguments with defaults (mirrors, pinned digests, offline).
+    for (arg, default) in [
+        ("BUILD_IMAGE", "rust:${RUST_VERSION}-bookworm"),
+        ("RUNTIME_IMAGE", "gcr.io/distroless/cc-debian12:nonroot"),
+    ] {
+        let first_from = all.iter().position(|i| i.starts_with("FROM ")).unwrap();
+        assert!(
+            all[..first_from].contains(&format!("ARG {arg}={default}")),
+            "ARG {arg}={default} before the first FROM"
+        );
+        assert!(
+            all.iter()
+                .any(|i| i.starts_with(&format!("FROM ${{{arg}}}"))),
+            "a FROM ${{{arg}}}"
+        );
+    }
     let runtime = &all[last_from..];
     let user = runtime.iter().rev().find_map(|i| i.strip_prefix("USER "));
     let non_root = match user {
@@ -355,7 +378,7 @@ fn container_image_runs_as_non_root_with_a_health_story() {
             let name = user.split(':').next().unwrap_or_default().trim();
             !(name.is_empty() || name == "0" || name == "root")
         }
-        None => runtime[0].contains(":nonroot"),
+        None => all.iter().any(|i| i.contains("cc-debian12:nonroot")),
     };
     assert!(non_root, "the runtime stage runs as a non-root user");
     for expected in [

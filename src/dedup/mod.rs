@@ -241,6 +241,15 @@ impl DedupStore {
         }
     }
 
+    /// How many ids the store holds, where that is its own count: the memory store. Redis is
+    /// shared with other keys and replicas, so it has none (`None`).
+    pub fn entry_count(&self) -> Option<u64> {
+        match self {
+            DedupStore::Memory(s) => Some(s.entry_count()),
+            DedupStore::Redis(_) => None,
+        }
+    }
+
     /// Whether the store answers now (readiness).
     pub async fn is_reachable(&self) -> bool {
         match self {

@@ -30,6 +30,9 @@ pub struct CertSummary {
     pub not_after: i64,
     /// Whether this is a CA certificate (basicConstraints cA).
     pub is_ca: bool,
+    /// The basicConstraints cA flag, or `None` when the certificate has no basicConstraints
+    /// (old version-1 roots): a `client_ca` entry must not be `Some(false)`.
+    pub ca_constraint: Option<bool>,
 }
 
 impl CertSummary {
@@ -58,11 +61,12 @@ impl CertSummary {
                     .collect()
             })
             .unwrap_or_default();
-        let is_ca = cert
+        let ca_constraint = cert
             .basic_constraints()
             .ok()
             .flatten()
-            .is_some_and(|bc| bc.value.ca);
+            .map(|bc| bc.value.ca);
+        let is_ca = ca_constraint == Some(true);
         Ok(CertSummary {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
@@ -74,7 +78,14 @@ impl CertSummary {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             is_ca,
+            ca_constraint,
         })
+    }
+
+    /// Whether subject and issuer are the same name (a self-signed certificate, such as a root
+    /// or an `openssl req -x509` test certificate).
+    pub fn is_self_issued(&self) -> bool {
+        self.subject == self.issuer
     }
 
     /// The SHA-256 fingerprint as lower-case hex.
@@ -112,6 +123,8 @@ pub struct CrlSummary {
     pub next_update: Option<i64>,
     /// How many certificates it revokes.
     pub revoked: usize,
+    /// The CRL's version: 1 (no extensions, no CRL number) or 2. rustls accepts only 2.
+    pub version: u32,
 }
 
 impl CrlSummary {
@@ -124,6 +137,8 @@ impl CrlSummary {
             this_update: crl.last_update().timestamp(),
             next_update: crl.next_update().map(|t| t.timestamp()),
             revoked: crl.iter_revoked_certificates().count(),
+            // The version field is absent in a v1 CRL; present, it holds 1 for version 2.
+            version: crl.version().map_or(1, |v| v.0 + 1),
         })
     }
 }

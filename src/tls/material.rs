@@ -140,6 +140,7 @@ fn read_pem_or_der<T: PemObject + From<Vec<u8>>>(
 ) -> Result<Vec<T>, MaterialError> {
     let bytes = read_file(key, path)?;
     if looks_like_pem(&bytes) {
+        let bytes = without_byte_order_marks(bytes);
         let items = T::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| MaterialError::new(key, path, format!("invalid PEM: {e}")))?;
@@ -160,6 +161,25 @@ fn read_pem_or_der<T: PemObject + From<Vec<u8>>>(
             format!("neither a PEM nor a DER {what}"),
         ))
     }
+}
+
+/// The UTF-8 byte-order mark some Windows editors put at the start of a text file (and that
+/// `cat a.pem b.pem` then carries into the middle of one). It is never part of PEM, and a PEM
+/// parser would skip the `-----BEGIN` line it sticks to, so it is removed wherever it is.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+fn without_byte_order_marks(bytes: Vec<u8>) -> Vec<u8> {
+    if !bytes.windows(UTF8_BOM.len()).any(|w| w == UTF8_BOM) {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes.as_slice();
+    while let Some(at) = rest.windows(UTF8_BOM.len()).position(|w| w == UTF8_BOM) {
+        out.extend_from_slice(&rest[..at]);
+        rest = &rest[at + UTF8_BOM.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 fn looks_like_pem(bytes: &[u8]) -> bool {
@@ -221,7 +241,14 @@ pub fn read_secret(
     let text = std::fs::read_to_string(&path)
         .map_err(|e| MaterialError::new(key, &path, format!("cannot read: {e}")))?;
     // A password file written with `echo` ends in a newline that is not part of the password.
-    Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+    let password = text.trim_end_matches(['\r', '\n']).to_string();
+    // The unit's `SetCredential=key-password:\n` is the credential when the file for
+    // `LoadCredential=` is absent (an unencrypted key needs none): empty once trimmed, it means
+    // "no password", so an encrypted key gets the "the key is encrypted" message.
+    if configured.is_none() && password.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(password))
 }
 
 fn read_private_key(
@@ -257,7 +284,10 @@ pub fn read_private_key_as(
     password_file: Option<&Path>,
 ) -> Result<PrivateKeyDer<'static>, MaterialError> {
     let name = keys.key;
-    let bytes = read_file(name, path)?;
+    let mut bytes = read_file(name, path)?;
+    if looks_like_pem(&bytes) {
+        bytes = without_byte_order_marks(bytes);
+    }
     let text = String::from_utf8_lossy(&bytes);
     if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
         let password =
@@ -378,4 +408,20 @@ fn load_pkcs12(path: &Path, password_file: Option<&Path>) -> Result<ServerIdenti
         chain_source: (KEY.into(), path.to_path_buf()),
         key_source: (KEY.into(), path.to_path_buf()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_marks_are_removed_wherever_they_are() {
+        let text = b"\xEF\xBB\xBF-----BEGIN X-----\nAA==\n-----END X-----\n\xEF\xBB\xBF-----BEGIN X-----\n";
+        let clean = without_byte_order_marks(text.to_vec());
+        assert!(clean.starts_with(b"-----BEGIN X-----"));
+        assert!(!clean.windows(3).any(|w| w == UTF8_BOM));
+        assert_eq!(clean.len(), text.len() - 6);
+        let plain = b"-----BEGIN X-----\n".to_vec();
+        assert_eq!(without_byte_order_marks(plain.clone()), plain);
+    }
 }

@@ -7,6 +7,7 @@
 
 pub mod inspect;
 pub mod material;
+pub mod nhs;
 pub mod policy;
 
 use std::path::PathBuf;
@@ -86,9 +87,7 @@ fn build(
         .first()
         .ok_or_else(|| chain_err("no certificate".into()))?;
     if leaf.is_ca {
-        return Err(chain_err(
-            "the first certificate is a CA: put the server (leaf) certificate first, then intermediates".into(),
-        ));
+        return Err(chain_err(server_ca_problem(&server_chain)));
     }
     let now = unix_now();
     if leaf.not_after < now {
@@ -111,40 +110,55 @@ fn build(
     let mut ca_summaries = Vec::new();
     for (path, der) in &client_cas {
         let ca_err = |problem: String| MaterialError {
-            key: "tls.client_ca".into(),
+            key: indexed_key("tls.client_ca", &tls.client_ca, path),
             path: path.clone(),
             problem,
         };
         let summary = CertSummary::from_der(der).map_err(ca_err)?;
+        if let Some(problem) = client_ca_problem(&summary, now) {
+            return Err(ca_err(problem));
+        }
         roots
             .add(der.clone())
             .map_err(|e| ca_err(format!("not usable as a trust anchor: {e}")))?;
         ca_summaries.push((path.clone(), summary));
     }
     let mut crl_summaries = Vec::new();
+    let roots = Arc::new(roots);
     for (path, der) in &crls {
-        let summary = CrlSummary::from_der(der).map_err(|problem| MaterialError {
-            key: "tls.client_crl".into(),
+        let crl_err = |problem: String| MaterialError {
+            key: indexed_key("tls.client_crl", &tls.client_crl, path),
             path: path.clone(),
             problem,
-        })?;
+        };
+        let summary = CrlSummary::from_der(der).map_err(crl_err)?;
+        if summary.version == 1 {
+            return Err(crl_err(V1_CRL_PROBLEM.into()));
+        }
+        // rustls parses the CRLs only when the verifier is built, and its error does not say
+        // which CRL failed: try each alone so the message names its key and file.
+        if let Err(e) = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .with_crls([der.clone()])
+            .build()
+        {
+            return Err(crl_err(format!("rustls cannot use this CRL: {e}")));
+        }
         crl_summaries.push((path.clone(), summary));
     }
 
     // The NHS guide has receivers trust the roots and the sub-CAs, so each is a trust anchor and
     // the client's leaf is what a CRL revokes. An expired CRL is reported by `check` and the
     // metrics but not enforced: refusing every client on a late CRL is an outage, not safety.
-    let chain_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .with_crls(crls.into_iter().map(|(_, c)| c))
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status()
-            .build()
-            .map_err(|e| MaterialError {
-                key: "tls.client_ca".into(),
-                path: tls.client_ca.first().cloned().unwrap_or_default(),
-                problem: format!("cannot build the client verifier: {e}"),
-            })?;
+    let chain_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .with_crls(crls.into_iter().map(|(_, c)| c))
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| MaterialError {
+            key: "tls.client_ca".into(),
+            path: tls.client_ca.first().cloned().unwrap_or_default(),
+            problem: format!("cannot build the client verifier: {e}"),
+        })?;
     let verifier = Arc::new(PolicyVerifier::new(
         chain_verifier,
         ClientIdentityPolicy::new(client),
@@ -189,6 +203,79 @@ fn build(
         crls: crl_summaries,
         client_verifier: verifier,
     })
+}
+
+/// What `openssl ca -gencrl` makes without a `crlnumber` file, and how to fix it.
+const V1_CRL_PROBLEM: &str = "a version 1 CRL (no extensions, no CRL number), as `openssl ca \
+     -gencrl` makes when the CA has no crlnumber file; rustls accepts only version 2 CRLs. \
+     Reissue it as v2: create the CA's serial file for CRLs (`echo 1000 > crlnumber`), set \
+     `crlnumber = $dir/crlnumber` in the [CA_default] section of its openssl.cnf, and run \
+     `openssl ca -gencrl -out crl.pem` again";
+
+/// The config key of the list entry that named `path`, e.g. `tls.client_ca[1]`.
+fn indexed_key(key: &str, entries: &[PathBuf], path: &std::path::Path) -> String {
+    match entries.iter().position(|p| p == path) {
+        Some(i) => format!("{key}[{i}]"),
+        None => key.to_string(),
+    }
+}
+
+/// Why a trusted client CA cannot do its job, if it cannot: a handshake needs the CA to have
+/// issued the client's chain, so a leaf or an expired CA makes every handshake fail.
+fn client_ca_problem(ca: &CertSummary, now: i64) -> Option<String> {
+    let not_a_ca = match ca.ca_constraint {
+        Some(is_ca) => !is_ca,
+        // No basicConstraints at all: an old version-1 root is still a CA if self-signed.
+        None => !ca.is_self_issued(),
+    };
+    if not_a_ca {
+        return Some(format!(
+            "{} is not a CA certificate (basicConstraints CA:FALSE or absent; issued by {}): it \
+             cannot have issued the client's certificate, so every handshake would fail. It looks \
+             like a leaf, such as the BaRS proxy's own certificate: configure the CAs that issue \
+             it instead (PROD: NHS Root Authority G2 and NHS Authentication G2; \
+             docs/operations.md, \"Certificates\")",
+            ca.display_name(),
+            ca.issuer
+        ));
+    }
+    if ca.not_after < now {
+        return Some(format!(
+            "the CA {} expired on {}: no client certificate can chain to it, so every handshake \
+             would fail{}",
+            ca.display_name(),
+            inspect::format_time(ca.not_after),
+            if nhs::is_retired_g1(ca) {
+                ". It is a retired G1 NHS CA: the NHS moved to the G2 CAs in 2024 \
+                 (docs/operations.md, \"Certificates\")"
+            } else {
+                ""
+            }
+        ));
+    }
+    None
+}
+
+/// What is wrong with a served chain whose first certificate is a CA.
+fn server_ca_problem(chain: &[CertSummary]) -> String {
+    let first = &chain[0];
+    if chain.iter().skip(1).any(|c| !c.is_ca) {
+        return "the first certificate is a CA and a server (leaf) certificate comes later: put \
+                the server certificate first, then the intermediates"
+            .into();
+    }
+    let what = if first.is_self_issued() {
+        "a self-signed CA certificate (basicConstraints CA:TRUE)"
+    } else {
+        "a CA certificate (basicConstraints CA:TRUE)"
+    };
+    format!(
+        "{} is {what}, not a server certificate: the file holds no certificate for this server. \
+         A test certificate made with `openssl req -x509` is a CA by default; a BaRS receiver \
+         serves the certificate the NHS issued for its FQDN from a CSR (docs/operations.md, \
+         \"Certificates\"), leaf first, then the intermediates",
+        first.display_name()
+    )
 }
 
 /// The verified client certificate of a connection, as passed to the legacy receiver.

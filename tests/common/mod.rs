@@ -25,6 +25,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
+mod skip;
+#[allow(unused_imports)] // each test crate uses only some of them
+pub use skip::{running_in_ci, skip, tool_runs};
+
 /// The CN the BaRS PROD proxy presents (BARS-CONTEXT.md).
 pub const PROXY_CN: &str = "bars-proxy.spineservices.nhs.uk";
 /// Serial number of the revoked client certificate.
@@ -734,6 +738,36 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// A plain HTTP GET to the admin listener: (status, content type, body).
+pub async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", "admin")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
 // --- The real binary: SIGHUP and SIGTERM ------------------------------------------------------
 
 #[tokio::test]
@@ -826,7 +860,7 @@ pub fn metadata() -> Request<Full<Bytes>> {
 // ---------------------------------------------------------------------------------------------
 
 /// A real `redis-server` on a free loopback port, killed on drop. `None` (with a loud message)
-/// when redis-server is not on PATH; CI installs it, so CI never skips.
+/// when redis-server is not on PATH; CI installs it, and fails the test if it is missing.
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
@@ -841,7 +875,10 @@ impl RedisServer {
             .output()
             .is_err()
         {
-            eprintln!("\n*** SKIPPED: redis-server is not on PATH (apt-get install redis-server); .ci/run installs it ***\n");
+            skip(
+                "this Redis test",
+                "redis-server is not on PATH (apt-get install redis-server)",
+            );
             return None;
         }
         let port = {
