@@ -44,6 +44,7 @@ put "$doc/README.md" README.md 0644
 put "$doc/operations.md" docs/operations.md 0644
 put "$doc/refusals.md" docs/refusals.md 0644
 put "$doc/load-balancers.md" docs/load-balancers.md 0644
+put "$doc/egress.md" docs/egress.md 0644
 
 mkdir -p "$stage/DEBIAN"
 for script in postinst prerm postrm; do

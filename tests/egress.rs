@@ -1113,7 +1113,7 @@ async fn readyz_fails_while_token_requests_fail_and_recovers_with_the_next_token
     let admin = rig.gateway.admin.unwrap();
     // Readiness is computed in the background (upstream probe): poll until it is first ready.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while common::admin_get(admin, "/readyz").await != "ready\n" {
+    while !ready(admin).await {
         assert!(Instant::now() < deadline, "/readyz never became ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1122,12 +1122,24 @@ async fn readyz_fails_while_token_requests_fail_and_recovers_with_the_next_token
         serde_json::json!({"error": "invalid_request", "error_description": "Missing 'kid' header in JWT", "message_id": "rrt-9"}),
     ));
     assert_eq!(rig.send(legacy_message()).await.status, 502);
-    assert!(common::admin_get(admin, "/readyz")
-        .await
-        .starts_with("not ready"));
+    let report = readyz(admin).await;
+    assert_eq!(report["ready"], false, "{report}");
+    assert_eq!(
+        report["egress_token"], "the latest access token request failed",
+        "{report}"
+    );
     rig.stub.set_token_reply(TokenReply::Token("599".into()));
     assert_eq!(rig.send(legacy_message()).await.status, 200);
-    assert_eq!(common::admin_get(admin, "/readyz").await, "ready\n");
+    assert!(ready(admin).await);
+}
+
+/// The `/readyz` JSON report.
+async fn readyz(admin: std::net::SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&common::admin_get(admin, "/readyz").await).expect("/readyz is JSON")
+}
+
+async fn ready(admin: std::net::SocketAddr) -> bool {
+    readyz(admin).await["ready"] == true
 }
 
 #[tokio::test]
