@@ -986,6 +986,8 @@ pub fn signal(child: &std::process::Child, sig: &str) {
 // ---------------------------------------------------------------------------------------------
 
 pub mod legacy;
+pub mod raw_h2;
+pub mod raw_http;
 
 /// The value of one `/metrics` series of a gateway's admin listener (`name{labels}` exactly as
 /// exposed), 0 when absent.
