@@ -7,12 +7,12 @@
 //! and the rule broken, never the decoded content.
 //!
 //! The JSON is read into small typed structs whose fields accept *any* JSON value and record what
-//! they saw (see `Text`, `Kind`, `Array`, `Object` below); no `serde_json::Value` tree is built,
-//! strings are borrowed from the decode buffer, and the shape rules below can then say precisely
+//! they saw (see `Text`, `Kind`, `Array`, `Object` in `wire.rs`); no `serde_json::Value` tree is
+//! built, strings are borrowed from the decode buffer, and the shape rules can then say precisely
 //! what is wrong instead of relaying serde's messages (which can quote the offending value).
 //!
 //! Files: this one holds the public types and the order of the steps; `wire.rs` the bytes-to-JSON
-//! decoding (length, Base64, UTF-8, nesting, and the serde visitors below the typed structs);
+//! decoding (length, Base64, UTF-8, nesting, the typed structs and their serde visitors);
 //! `rules.rs` the shape rules of each header; `memo.rs` the per-thread memo of values already
 //! decoded cleanly.
 
