@@ -161,7 +161,13 @@ pub(super) async fn read_v2_rest<R: AsyncRead + Unpin>(
             "v2 signature is incomplete".into(),
         ));
     }
-    let payload = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    // ppp checks the fixed part (version, command, family, protocol) and reports how many bytes
+    // of addresses and TLVs it announces; a bad fixed part is refused before any more is read.
+    let payload = match ppp::v2::Header::try_from(&buf[..V2_FIXED_LEN]) {
+        Ok(_) => 0,
+        Err(ppp::v2::ParseError::Partial(_, announced)) => announced,
+        Err(error) => return Err(AdmissionError::ProxyHeaderMalformed(format!("v2: {error}"))),
+    };
     if payload > V2_MAX_PAYLOAD {
         return Err(AdmissionError::ProxyHeaderMalformed(format!(
             "v2 header announces {payload} bytes of addresses and TLVs; more than {V2_MAX_PAYLOAD} is refused"

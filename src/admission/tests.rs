@@ -338,6 +338,16 @@ async fn v2_header_announcing_more_than_1_kib_is_refused_before_reading_it() {
 }
 
 #[tokio::test]
+async fn v2_header_with_an_invalid_command_is_refused_before_its_addresses_are_read() {
+    let mut header = V2_SIGNATURE.to_vec();
+    header.extend([0x2f, 0x11, 0x00, 0x0c]);
+    header.extend(b"ADDRESSES+12");
+    let (result, rest) = parse(&header).await;
+    assert!(malformed_message(result).contains("command"));
+    assert_eq!(rest, b"ADDRESSES+12");
+}
+
+#[tokio::test]
 async fn v2_header_with_a_wrong_version_or_broken_signature_is_malformed() {
     let mut version_one = V2_SIGNATURE.to_vec();
     version_one.extend([0x11, 0x11, 0x00, 0x0c]);
