@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
 use crate::audit::{AuditRecord, Peer};
+use crate::bars::headers::{CORRELATION_ID_KEY, REQUEST_ID_KEY};
 use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
 use crate::bars::warnings::WarningReporter;
@@ -44,11 +45,6 @@ use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 /// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
 /// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
 const HEADER_SLACK: usize = 16 * 1024;
-
-/// The header that carries the request id (BaRS).
-pub const X_REQUEST_ID: &str = "x-request-id";
-/// The header that carries the correlation id (BaRS).
-pub const X_CORRELATION_ID: &str = "x-correlation-id";
 
 /// What a reload replaces: TLS material and the admission lists, swapped atomically.
 #[derive(Debug)]
@@ -472,15 +468,15 @@ struct EchoIds {
 impl EchoIds {
     fn from_headers(headers: &HeaderMap) -> EchoIds {
         EchoIds {
-            request_id: headers.get(X_REQUEST_ID).cloned(),
-            correlation_id: headers.get(X_CORRELATION_ID).cloned(),
+            request_id: headers.get(REQUEST_ID_KEY).cloned(),
+            correlation_id: headers.get(CORRELATION_ID_KEY).cloned(),
         }
     }
 
     fn apply(self, headers: &mut HeaderMap) {
         for (name, value) in [
-            (X_REQUEST_ID, self.request_id),
-            (X_CORRELATION_ID, self.correlation_id),
+            (REQUEST_ID_KEY, self.request_id),
+            (CORRELATION_ID_KEY, self.correlation_id),
         ] {
             match value {
                 Some(v) => {

@@ -2,6 +2,7 @@
 
 pub mod accept;
 pub mod errors;
+pub mod headers;
 pub mod identity;
 pub mod ids;
 pub mod render;

@@ -34,14 +34,14 @@ mod wire;
 use memo::{memoised, ORGANISATION_MEMO, PRACTITIONER_MEMO, SOFTWARE_MEMO, TARGET_MEMO};
 use rules::{decode_organisation, decode_practitioner, decode_software, decode_target};
 
-/// `NHSD-Target-Identifier`: which service the request is for.
-pub const NHSD_TARGET_IDENTIFIER: &str = "NHSD-Target-Identifier";
-/// `NHSD-End-User-Organisation`: the sender's organisation (a FHIR Organization).
-pub const NHSD_END_USER_ORGANISATION: &str = "NHSD-End-User-Organisation";
-/// `NHSD-Requesting-Software`: the sending system (a FHIR Device).
-pub const NHSD_REQUESTING_SOFTWARE: &str = "NHSD-Requesting-Software";
-/// `NHSD-Requesting-Practitioner`: the user, when known (a FHIR PractitionerRole).
-pub const NHSD_REQUESTING_PRACTITIONER: &str = "NHSD-Requesting-Practitioner";
+use crate::bars::headers::{
+    END_USER_ORGANISATION_KEY, REQUESTING_PRACTITIONER_KEY, REQUESTING_SOFTWARE_KEY,
+    TARGET_IDENTIFIER_KEY,
+};
+pub use crate::bars::headers::{
+    NHSD_END_USER_ORGANISATION, NHSD_REQUESTING_PRACTITIONER, NHSD_REQUESTING_SOFTWARE,
+    NHSD_TARGET_IDENTIFIER,
+};
 
 /// A header's lookup key (pre-parsed: looking up by `&str` parses and lower-cases the name on
 /// every request) and its name as diagnostics spell it.
@@ -51,19 +51,19 @@ struct Header {
 }
 
 static TARGET: Header = Header {
-    key: HeaderName::from_static("nhsd-target-identifier"),
+    key: TARGET_IDENTIFIER_KEY,
     name: NHSD_TARGET_IDENTIFIER,
 };
 static ORGANISATION: Header = Header {
-    key: HeaderName::from_static("nhsd-end-user-organisation"),
+    key: END_USER_ORGANISATION_KEY,
     name: NHSD_END_USER_ORGANISATION,
 };
 static SOFTWARE: Header = Header {
-    key: HeaderName::from_static("nhsd-requesting-software"),
+    key: REQUESTING_SOFTWARE_KEY,
     name: NHSD_REQUESTING_SOFTWARE,
 };
 static PRACTITIONER: Header = Header {
-    key: HeaderName::from_static("nhsd-requesting-practitioner"),
+    key: REQUESTING_PRACTITIONER_KEY,
     name: NHSD_REQUESTING_PRACTITIONER,
 };
 
@@ -273,7 +273,9 @@ fn settle<T>(
     match decoded {
         Ok(value) => Ok(Some(value)),
         Err(Problem::Refused(refusal)) => Err(refusal),
-        Err(Problem::Shape(shape)) if refuse_shape => Err(malformed(header.name, &shape.detail)),
+        Err(Problem::Shape(shape)) if refuse_shape => {
+            Err(Refusal::malformed(header.name, &shape.detail))
+        }
         Err(Problem::Shape(shape)) => {
             warnings.push(IdentityWarning {
                 header: header.name,
@@ -312,7 +314,7 @@ fn shape(problem: ShapeProblem, detail: impl Into<Cow<'static, str>>) -> Shape {
 /// A refusal in every mode (not Base64, not JSON), or a strict-only rule on a field the gateway
 /// never reads.
 fn refused(header: &'static str, problem: &str) -> Problem {
-    Problem::Refused(malformed(header, problem))
+    Problem::Refused(Refusal::malformed(header, problem))
 }
 
 /// The header's only value; absent is `MissingHeader` when required. A header sent twice is refused:
@@ -328,14 +330,7 @@ fn single_value<'h>(
             header: header.name,
         }),
         (None, _) => Ok(None),
-        (Some(_), Some(_)) => Err(malformed(header.name, "sent more than once")),
+        (Some(_), Some(_)) => Err(Refusal::malformed(header.name, "sent more than once")),
         (Some(value), None) => Ok(Some(value)),
-    }
-}
-
-fn malformed(header: &'static str, problem: &str) -> Refusal {
-    Refusal::MalformedHeader {
-        header,
-        problem: problem.to_owned(),
     }
 }
