@@ -2,8 +2,11 @@
 //! Each step is one call into the module that owns it; this file is the order, not the rules.
 //!
 //! ```text
-//! accept ─► admission (PROXY header, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
-//!   request ─► ids ─► size ─► route ─► identity headers ─► Accept ─► upstream choice ─► forward ─► response
+//! connection: accept ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
+//! request:    framing (CL + TE) ─► ids ─► header size ─► route ─► identity headers ─► Accept
+//!             ─► upstream choice ─► body ─┬─ read methods, streamed ───────► forward ─► response
+//!                                         └─ dedup methods, buffered ─► dedup: forward once
+//! ```
 //! ```
 //! A refusal at any step becomes an OperationOutcome in the caller's format in
 //! `bars::render::refusal_response`, the only place that builds one, and every response echoes
@@ -344,7 +347,7 @@ async fn check_and_forward(
     audit.correlation_id = Some(ids.correlation_id);
 
     // Size: the header section within listen.max_header_bytes (431).
-    check_header_section(&request, shared.listen.max_header_bytes)?;
+    bars::header_section::check_header_section(&request, shared.listen.max_header_bytes)?;
 
     // Route: a known method and path under the BaRS base path (404 / 405 / 400 for unsafe paths).
     let route = shared
@@ -433,26 +436,6 @@ async fn check_and_forward(
     audit.dedup = Some(delivered.dedup);
     audit.upstream_duration = delivered.upstream_duration;
     delivered.response
-}
-
-/// Refuses a request whose header section (request line and fields, as HTTP/1.1 would write
-/// them) is larger than `limit`.
-fn check_header_section(request: &Request<Incoming>, limit: usize) -> Result<(), Refusal> {
-    let line = request.method().as_str().len()
-        + request
-            .uri()
-            .path_and_query()
-            .map_or(1, |p| p.as_str().len())
-        + 12;
-    let fields: usize = request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if line + fields > limit {
-        return Err(Refusal::HeadersTooLarge { limit });
-    }
-    Ok(())
 }
 
 fn header_value(text: &str) -> Option<HeaderValue> {
