@@ -7,7 +7,6 @@
 //!             ─► upstream choice ─► body ─┬─ read methods, streamed ───────► forward ─► response
 //!                                         └─ dedup methods, buffered ─► dedup: forward once
 //! ```
-//! ```
 //! A refusal at any step becomes an OperationOutcome in the caller's format in
 //! `bars::render::refusal_response`, the only place that builds one, and every response echoes
 //! X-Request-Id and X-Correlation-Id.
