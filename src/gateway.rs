@@ -2,8 +2,10 @@
 //! Each step is one call into the module that owns it; this file is the order, not the rules.
 //!
 //! ```text
-//! accept ─► admission (PROXY header, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
-//!   request ─► ids ─► size ─► route ─► identity headers ─► Accept ─► upstream choice ─► forward ─► response
+//! connection: accept ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
+//! request:    framing (CL + TE) ─► ids ─► header size ─► route ─► identity headers ─► Accept
+//!             ─► upstream choice ─► body ─┬─ read methods, streamed ───────► forward ─► response
+//!                                         └─ dedup methods, buffered ─► dedup: forward once
 //! ```
 //! A refusal at any step becomes an OperationOutcome in the caller's format in
 //! `bars::render::refusal_response`, the only place that builds one, and every response echoes
@@ -27,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
 use crate::audit::{AuditRecord, Peer};
+use crate::bars::headers::{CORRELATION_ID_KEY, REQUEST_ID_KEY};
 use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
 use crate::bars::warnings::WarningReporter;
@@ -44,11 +47,6 @@ use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 /// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
 /// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
 const HEADER_SLACK: usize = 16 * 1024;
-
-/// The header that carries the request id (BaRS).
-pub const X_REQUEST_ID: &str = "x-request-id";
-/// The header that carries the correlation id (BaRS).
-pub const X_CORRELATION_ID: &str = "x-correlation-id";
 
 /// What a reload replaces: TLS material and the admission lists, swapped atomically.
 #[derive(Debug)]
@@ -349,7 +347,7 @@ async fn check_and_forward(
     audit.correlation_id = Some(ids.correlation_id);
 
     // Size: the header section within listen.max_header_bytes (431).
-    check_header_section(&request, shared.listen.max_header_bytes)?;
+    bars::header_section::check_header_section(&request, shared.listen.max_header_bytes)?;
 
     // Route: a known method and path under the BaRS base path (404 / 405 / 400 for unsafe paths).
     let route = shared
@@ -440,26 +438,6 @@ async fn check_and_forward(
     delivered.response
 }
 
-/// Refuses a request whose header section (request line and fields, as HTTP/1.1 would write
-/// them) is larger than `limit`.
-fn check_header_section(request: &Request<Incoming>, limit: usize) -> Result<(), Refusal> {
-    let line = request.method().as_str().len()
-        + request
-            .uri()
-            .path_and_query()
-            .map_or(1, |p| p.as_str().len())
-        + 12;
-    let fields: usize = request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if line + fields > limit {
-        return Err(Refusal::HeadersTooLarge { limit });
-    }
-    Ok(())
-}
-
 fn header_value(text: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(text).ok()
 }
@@ -473,15 +451,15 @@ struct EchoIds {
 impl EchoIds {
     fn from_headers(headers: &HeaderMap) -> EchoIds {
         EchoIds {
-            request_id: headers.get(X_REQUEST_ID).cloned(),
-            correlation_id: headers.get(X_CORRELATION_ID).cloned(),
+            request_id: headers.get(REQUEST_ID_KEY).cloned(),
+            correlation_id: headers.get(CORRELATION_ID_KEY).cloned(),
         }
     }
 
     fn apply(self, headers: &mut HeaderMap) {
         for (name, value) in [
-            (X_REQUEST_ID, self.request_id),
-            (X_CORRELATION_ID, self.correlation_id),
+            (REQUEST_ID_KEY, self.request_id),
+            (CORRELATION_ID_KEY, self.correlation_id),
         ] {
             match value {
                 Some(v) => {

@@ -37,7 +37,7 @@ label_enum! {
     /// Why a connection or request was refused: the `reason` label of
     /// `bars_gateway_rejections_total`.
     pub enum RejectionReason {
-        // Admission (src/admission.rs), before any TLS byte.
+        // Admission (src/admission/), before any TLS byte.
         /// The client address is not in `client.allowed_ips`.
         IpNotAllowed => "ip_not_allowed",
         /// A balancer's own health check (PROXY LOCAL / UNKNOWN) from an address not allowed.

@@ -35,9 +35,9 @@ pub type GatewayBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErro
 pub const GATEWAY_OWNED_HEADERS: [HeaderName; 11] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-real-ip"),
+    X_FORWARDED_HOST,
+    X_FORWARDED_PORT,
+    X_REAL_IP,
     header::FORWARDED,
     X_CLIENT_CERT_SUBJECT,
     X_CLIENT_CERT_SHA256,
@@ -46,16 +46,12 @@ pub const GATEWAY_OWNED_HEADERS: [HeaderName; 11] = [
     X_BARS_POSSIBLE_DUPLICATE,
 ];
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
-const X_CLIENT_CERT_SHA256: HeaderName = HeaderName::from_static("x-client-cert-sha256");
-const X_BARS_TARGET: HeaderName = HeaderName::from_static("x-bars-target");
-const X_BARS_ODS_CODE: HeaderName = HeaderName::from_static("x-bars-ods-code");
-/// Set on a retry delivered after an uncertain outcome: an earlier attempt with the same
-/// X-Request-Id may have been processed (DESIGN.md §5), so the legacy system can deduplicate.
-pub const X_BARS_POSSIBLE_DUPLICATE: HeaderName =
-    HeaderName::from_static("x-bars-possible-duplicate");
+pub use crate::bars::headers::X_BARS_POSSIBLE_DUPLICATE;
+use crate::bars::headers::{
+    NHSD_TARGET_IDENTIFIER, X_BARS_ODS_CODE, X_BARS_TARGET, X_CLIENT_CERT_SHA256,
+    X_CLIENT_CERT_SUBJECT, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PORT, X_FORWARDED_PROTO,
+    X_REAL_IP,
+};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and their old companions: never forwarded either way.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -217,7 +213,7 @@ impl Upstreams {
             (Some(default), _) => Ok(default),
             // Only routes serve: a request naming no target (allowed on /metadata) cannot be routed.
             (None, None) => Err(Refusal::MissingHeader {
-                header: "NHSD-Target-Identifier",
+                header: NHSD_TARGET_IDENTIFIER,
             }),
             (None, Some(_)) => Err(Refusal::UnknownTarget),
         }

@@ -142,39 +142,24 @@ async fn assert_refused_without_a_byte(gateway: SocketAddr, from: [u8; 4], bytes
     );
 }
 
-/// The `/metrics` text of the gateway's admin listener.
-async fn metrics_text(gateway: &TestGateway) -> String {
-    let admin = gateway
+/// The admin listener the harness enables.
+fn admin(gateway: &TestGateway) -> SocketAddr {
+    gateway
         .admin
-        .expect("the harness enables the admin listener");
-    let mut tcp = TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(CLOSE_WITHIN, tcp.read_to_string(&mut text))
-        .await
-        .expect("/metrics answers")
-        .unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
+        .expect("the harness enables the admin listener")
 }
 
 /// `bars_gateway_rejections_total{reason="<reason>"}`, 0 when never counted.
 async fn rejections(gateway: &TestGateway, reason: &str) -> u64 {
-    let prefix = format!("bars_gateway_rejections_total{{reason=\"{reason}\"}} ");
-    metrics_text(gateway)
-        .await
-        .lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
-        .map_or(0, |value| value.trim().parse().unwrap())
+    let series = format!("bars_gateway_rejections_total{{reason=\"{reason}\"}}");
+    metric_of(admin(gateway), &series).await as u64
 }
 
 /// Asserts the one counted admission refusal reason is `reason`, `times` times, and that no TLS
 /// handshake was even attempted.
 async fn assert_counted_only(gateway: &TestGateway, reason: &str, times: u64) {
     assert_eq!(rejections(gateway, reason).await, times, "{reason}");
-    let text = metrics_text(gateway).await;
+    let text = admin_get(admin(gateway), "/metrics").await;
     // Every known reason is exposed from the start at 0: count only the series that moved.
     let counted: Vec<&str> = text
         .lines()

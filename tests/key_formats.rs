@@ -122,6 +122,16 @@ fn export_pkcs12(pki: &TestPki, args: &[&str]) {
     openssl(pki.dir.path(), &all);
 }
 
+/// `pki`'s gateway config serving the PKCS#12 bundle `bundle` (made by [`export_pkcs12`]) instead
+/// of the PEM pair, its password written to the file `pfx-password`.
+fn pkcs12_config(pki: &TestPki, upstream_url: &str, bundle: &str, password: &str) -> String {
+    std::fs::write(pki.path("pfx-password"), password).unwrap();
+    pki.config_toml(upstream_url).replace(
+        "certificate = \"server-chain.pem\"\nprivate_key = \"server.key\"",
+        &format!("pkcs12 = \"{bundle}\"\npkcs12_password_file = \"pfx-password\""),
+    )
+}
+
 #[tokio::test]
 async fn encrypted_pkcs8_key_from_genpkey_aes256_serves_handshakes() {
     if !have_openssl() {
@@ -207,13 +217,8 @@ async fn pkcs12_bundle_from_openssl_export_serves_handshakes() {
             "receiver.pfx",
         ],
     );
-    std::fs::write(pki.path("pfx-password"), "pfx pass").unwrap();
     let upstream = TestUpstream::start().await;
-    let mut toml = pki.config_toml(&upstream.url());
-    toml = toml.replace(
-        "certificate = \"server-chain.pem\"\nprivate_key = \"server.key\"",
-        "pkcs12 = \"receiver.pfx\"\npkcs12_password_file = \"pfx-password\"",
-    );
+    let toml = pkcs12_config(&pki, &upstream.url(), "receiver.pfx", "pfx pass");
     let settings = pki.settings(&toml);
     assert!(matches!(
         settings.tls.identity,
@@ -427,12 +432,8 @@ async fn pkcs12_bundle_with_legacy_3des_encryption_serves_handshakes() {
             "legacy.pfx",
         ],
     );
-    std::fs::write(pki.path("pfx-password"), "old").unwrap();
     let upstream = TestUpstream::start().await;
-    let toml = pki.config_toml(&upstream.url()).replace(
-        "certificate = \"server-chain.pem\"\nprivate_key = \"server.key\"",
-        "pkcs12 = \"legacy.pfx\"\npkcs12_password_file = \"pfx-password\"",
-    );
+    let toml = pkcs12_config(&pki, &upstream.url(), "legacy.pfx", "old");
     let reply = metadata_through(pki.settings(&toml), &pki).await;
     assert_eq!(reply.status, 200);
 }

@@ -10,10 +10,8 @@
 use http::HeaderMap;
 
 use crate::bars::errors::Refusal;
+use crate::bars::headers::ACCEPT;
 use crate::bars::render::Format;
-
-/// The header name as diagnostics spell it.
-const ACCEPT: &str = "Accept";
 
 /// `version` when a FHIR media range has none: the BaRS proxy assumes 1.0.0.
 const DEFAULT_MAJOR: u64 = 1;
@@ -260,10 +258,7 @@ fn unquote(value: &str) -> &str {
 }
 
 fn malformed(problem: &str) -> Refusal {
-    Refusal::MalformedHeader {
-        header: ACCEPT,
-        problem: problem.to_owned(),
-    }
+    Refusal::malformed(ACCEPT, problem)
 }
 
 #[cfg(test)]

@@ -189,6 +189,14 @@ pub struct Outcome {
 }
 
 impl Refusal {
+    /// `MalformedHeader` for `header` (named as BaRS spells it) breaking `problem`.
+    pub fn malformed(header: &'static str, problem: &str) -> Refusal {
+        Refusal::MalformedHeader {
+            header,
+            problem: problem.to_owned(),
+        }
+    }
+
     /// The refusal table (BARS-CONTEXT.md "Errors", docs/refusals.md §3): one row per variant.
     pub fn outcome(&self) -> Outcome {
         use RejectionReason as R;

@@ -6,15 +6,8 @@ use http::{HeaderMap, HeaderName};
 use uuid::Uuid;
 
 use crate::bars::errors::Refusal;
-
-/// The `X-Request-Id` header name, as BaRS spells it in diagnostics.
-pub const X_REQUEST_ID: &str = "X-Request-Id";
-/// The `X-Correlation-Id` header name, as BaRS spells it in diagnostics.
-pub const X_CORRELATION_ID: &str = "X-Correlation-Id";
-
-// Pre-parsed: looking a header up by `&str` parses and lower-cases the name on every request.
-static REQUEST_ID_NAME: HeaderName = HeaderName::from_static("x-request-id");
-static CORRELATION_ID_NAME: HeaderName = HeaderName::from_static("x-correlation-id");
+use crate::bars::headers::{CORRELATION_ID_KEY, REQUEST_ID_KEY};
+pub use crate::bars::headers::{X_CORRELATION_ID, X_REQUEST_ID};
 
 /// One network request's id: BaRS uses it to de-duplicate repeated requests (IG "Transactional
 /// integrity"), so it is the dedup key.
@@ -54,10 +47,10 @@ pub struct RequestIds {
 /// accepted, in either case: the simple, braced and `urn:uuid:` forms that `Uuid::parse_str` also
 /// takes would let one id be spelled several ways, and senders never use them.
 pub fn read_request_ids(headers: &HeaderMap) -> Result<RequestIds, Refusal> {
-    let request_id = RequestId(read_uuid_header(headers, &REQUEST_ID_NAME, X_REQUEST_ID)?);
+    let request_id = RequestId(read_uuid_header(headers, &REQUEST_ID_KEY, X_REQUEST_ID)?);
     let correlation_id = CorrelationId(read_uuid_header(
         headers,
-        &CORRELATION_ID_NAME,
+        &CORRELATION_ID_KEY,
         X_CORRELATION_ID,
     )?);
     Ok(RequestIds {
@@ -78,14 +71,14 @@ fn read_uuid_header(
     };
     // Two values would make the dedup key ambiguous: refuse rather than pick one.
     if values.next().is_some() {
-        return Err(malformed(name, "sent more than once"));
+        return Err(Refusal::malformed(name, "sent more than once"));
     }
     let bytes = value.as_bytes();
     if !bytes.iter().all(u8::is_ascii_graphic) {
-        return Err(malformed(name, "must be visible ASCII"));
+        return Err(Refusal::malformed(name, "must be visible ASCII"));
     }
     parse_hyphenated_uuid(bytes)
-        .ok_or_else(|| malformed(name, "is not a UUID (8-4-4-4-12 hexadecimal digits)"))
+        .ok_or_else(|| Refusal::malformed(name, "is not a UUID (8-4-4-4-12 hexadecimal digits)"))
 }
 
 /// Parses exactly `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex digits in either case).
@@ -116,13 +109,6 @@ fn parse_hyphenated_uuid(text: &[u8]) -> Option<Uuid> {
         nibbles += 1;
     }
     Some(Uuid::from_bytes(bytes))
-}
-
-fn malformed(header: &'static str, problem: &str) -> Refusal {
-    Refusal::MalformedHeader {
-        header,
-        problem: problem.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! BaRS request rules: routes, request ids, identity headers, Accept, and the refusals they raise.
+//! BaRS request rules: request ids, header-section size, routes, identity headers, Accept, and the
+//! refusals they raise.
 
 pub mod accept;
 pub mod errors;
+pub mod header_section;
+pub mod headers;
 pub mod identity;
 pub mod ids;
 pub mod render;

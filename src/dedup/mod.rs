@@ -19,11 +19,15 @@ pub mod reference;
 
 use std::time::Duration;
 
-use http::header::HeaderMap;
+use http::header::{HeaderMap, HeaderName};
 use http::{Method, Uri};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::bars::headers::{
+    CORRELATION_ID_KEY, END_USER_ORGANISATION_KEY, REQUESTING_PRACTITIONER_KEY,
+    REQUESTING_SOFTWARE_KEY, TARGET_IDENTIFIER_KEY,
+};
 use crate::bars::ids::RequestId;
 use crate::config::{DedupBackend, DedupSettings};
 
@@ -33,13 +37,13 @@ pub struct Fingerprint(#[serde(with = "hex_bytes")] pub [u8; 32]);
 
 /// The headers the fingerprint covers besides the correlation id (the access token is excluded:
 /// a retry may carry a fresh one).
-const FINGERPRINT_HEADERS: [&str; 6] = [
-    "x-correlation-id",
-    "nhsd-target-identifier",
-    "nhsd-end-user-organisation",
-    "nhsd-requesting-software",
-    "nhsd-requesting-practitioner",
-    "content-type",
+const FINGERPRINT_HEADERS: [HeaderName; 6] = [
+    CORRELATION_ID_KEY,
+    TARGET_IDENTIFIER_KEY,
+    END_USER_ORGANISATION_KEY,
+    REQUESTING_SOFTWARE_KEY,
+    REQUESTING_PRACTITIONER_KEY,
+    http::header::CONTENT_TYPE,
 ];
 
 impl Fingerprint {

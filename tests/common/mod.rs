@@ -768,55 +768,6 @@ pub async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, Stri
     )
 }
 
-// --- The real binary: SIGHUP and SIGTERM ------------------------------------------------------
-
-#[tokio::test]
-async fn sighup_reloads_the_running_binary() {
-    let pki = TestPki::new();
-    let upstream = TestUpstream::start().await;
-    let (mut child, port, lines) = spawn_gateway(&pki, &upstream.url());
-    wait_for_line(&lines, "bars-gateway listening");
-    signal(&child, "-HUP");
-    wait_for_line(&lines, "SIGHUP");
-    wait_for_line(&lines, "reloaded");
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let reply = send(addr, pki.client_config(Some(ClientCert::Proxy)), metadata())
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200);
-    signal(&child, "-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-}
-
-#[tokio::test]
-async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
-    let pki = TestPki::new();
-    let upstream = TestUpstream::start().await;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    upstream.set_reply(Reply::Gated(gate.clone(), StatusCode::OK));
-    let (mut child, port, lines) = spawn_gateway(&pki, &upstream.url());
-    wait_for_line(&lines, "bars-gateway listening");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = pki.client_config(Some(ClientCert::Proxy));
-    let in_flight = tokio::spawn(async move { send(addr, config, process_message()).await });
-    upstream.wait_for_count(1).await;
-    signal(&child, "-TERM");
-    wait_for_line(&lines, "draining");
-    // No new connections are accepted while draining...
-    let refused = TcpStream::connect(addr).await;
-    assert!(refused.is_err(), "the listener is closed while draining");
-    // ...and the request in flight completes.
-    gate.add_permits(1);
-    let reply = in_flight.await.unwrap().unwrap();
-    assert_eq!(reply.status, 200);
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-}
-
-// ---------------------------------------------------------------------------------------------
-
 /// The example header set of `tests/fixtures/bars-examples/headers-examples.json`.
 pub fn example_headers() -> serde_json::Value {
     let text = include_str!("../fixtures/bars-examples/headers-examples.json");
@@ -1076,6 +1027,8 @@ pub fn signal(child: &std::process::Child, sig: &str) {
 // ---------------------------------------------------------------------------------------------
 
 pub mod legacy;
+pub mod raw_h2;
+pub mod raw_http;
 
 /// The value of one `/metrics` series of a gateway's admin listener (`name{labels}` exactly as
 /// exposed), 0 when absent.
