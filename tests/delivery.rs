@@ -826,3 +826,67 @@ async fn bare_lf_chunk_framing_reaches_the_sender_whole_or_not_at_all(store: Sto
     }
 }
 both_stores!(bare_lf_chunk_framing_reaches_the_sender_whole_or_not_at_all);
+
+#[tokio::test]
+async fn delivery_refusals_are_fhir_xml_when_the_caller_prefers_xml() {
+    let gate = Arc::new(Semaphore::new(0));
+    let upgrade = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n".to_vec();
+    let big = answer("400 Bad Request", &[], &vec![b'x'; 70 * 1024]);
+    let script = vec![
+        Act::Gated(gate.clone(), ok_json()),
+        Act::Answer(upgrade),
+        Act::Answer(big),
+    ];
+    let Some(bed) = Bed::start(Store::Memory, script, short_deadline).await else {
+        return;
+    };
+    let xml = |id: &str| {
+        let mut request = post(id);
+        request.headers_mut().insert(
+            "accept",
+            "application/fhir+xml; version=1.0.0".parse().unwrap(),
+        );
+        request
+    };
+    let (late, upgraded, refused) = (new_id(), new_id(), new_id());
+    assert_xml_outcome(
+        &bed.send(0, xml(&late)).await,
+        408,
+        "REC_TIMEOUT",
+        "timeout",
+    );
+    assert_xml_outcome(
+        &bed.send(0, xml(&late)).await,
+        425,
+        "REC_TOO_EARLY",
+        "duplicate",
+    );
+    gate.add_permits(1);
+    bed.wait_for_outcome(0, "late", 1.0).await;
+    let duplicate = bed.send(0, xml(&late)).await;
+    let diagnostics = assert_xml_outcome(&duplicate, 409, "REC_CONFLICT", "duplicate");
+    assert!(diagnostics.starts_with("This message has already been received"));
+    assert_ids_echoed(&duplicate, &late);
+    let mut other = xml(&late);
+    *other.body_mut() = Full::new(Bytes::from_static(b"{}"));
+    assert_xml_outcome(
+        &bed.send(0, other).await,
+        422,
+        "REC_UNPROCESSABLE_ENTITY",
+        "invalid",
+    );
+    assert_xml_outcome(
+        &bed.send(0, xml(&upgraded)).await,
+        503,
+        "REC_SERVICE_UNAVAILABLE",
+        "transient",
+    );
+    assert_eq!(
+        bed.send(0, xml(&refused)).await.status,
+        400,
+        "the original, as sent"
+    );
+    let replay = bed.send(0, xml(&refused)).await;
+    let diagnostics = assert_xml_outcome(&replay, 400, "REC_BAD_REQUEST", "processing");
+    assert!(diagnostics.contains("too large to keep"), "{diagnostics}");
+}

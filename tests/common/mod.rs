@@ -1073,3 +1073,30 @@ pub async fn wait_until(signal: &Notify, done: impl Fn() -> bool) {
         notified.await;
     }
 }
+
+/// Asserts an XML OperationOutcome with `status` and BaRS `code`; returns the diagnostics.
+pub fn assert_xml_outcome(reply: &Reply2, status: u16, code: &str, issue: &str) -> String {
+    let xml = String::from_utf8_lossy(&reply.body);
+    assert_eq!(reply.status.as_u16(), status, "{xml}");
+    assert_eq!(
+        reply.headers["content-type"], "application/fhir+xml",
+        "{xml}"
+    );
+    assert!(
+        xml.starts_with(r#"<?xml version="1.0" encoding="UTF-8"?><OperationOutcome xmlns="http://hl7.org/fhir">"#),
+        "{xml}"
+    );
+    assert_eq!(fhir_xml_value(&xml, "code"), issue, "{xml}");
+    // The second <code> is the coding's.
+    let coding = &xml[xml.find("<coding>").unwrap()..];
+    assert_eq!(fhir_xml_value(coding, "code"), code);
+    assert_eq!(
+        fhir_xml_value(coding, "system"),
+        "https://fhir.nhs.uk/CodeSystem/http-error-codes"
+    );
+    assert_eq!(
+        fhir_xml_value(coding, "display"),
+        format!("{status} - {code}")
+    );
+    fhir_xml_value(&xml, "diagnostics")
+}
