@@ -98,8 +98,11 @@ impl Tracker {
                     // What follows the head is fed on in the new state.
                     bytes = &bytes[end - before..];
                     self.line.truncate(end);
-                    let head = std::mem::take(&mut self.line);
+                    let mut head = std::mem::take(&mut self.line);
                     self.state = self.after_head(&head);
+                    // The buffer is kept for the next head: no allocation per request.
+                    head.clear();
+                    self.line = head;
                 }
                 State::Body(left) => {
                     let n = left.min(bytes.len() as u64);

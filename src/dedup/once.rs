@@ -239,13 +239,7 @@ impl Deliverer {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let location_headers = {
-            let mut h = http::HeaderMap::new();
-            if let Some(l) = parts.headers.get(http::header::LOCATION) {
-                h.insert(http::header::LOCATION, l.clone());
-            }
-            h
-        };
+        let location = parts.headers.get(http::header::LOCATION).cloned();
         let (tx, channel) = Channel::<Bytes, BoxError>::new(STREAM_FRAMES);
         let sender_waits = answer
             .send(Delivered {
@@ -268,7 +262,7 @@ impl Deliverer {
             Some(body) => (body, false),
             None => (Vec::new(), true),
         };
-        let reference = reference::reference_of(&location_headers, &body);
+        let reference = reference::reference_of(location.as_ref(), &body);
         let replay = (400..500).contains(&status).then(|| {
             Box::new(Replay {
                 content_type,

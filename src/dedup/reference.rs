@@ -6,12 +6,10 @@
 //! Only a value that is a valid FHIR id (`[A-Za-z0-9\-\.]{1,64}`) is taken: the diagnostics never
 //! echo anything else the legacy system sent.
 
-use http::header::{HeaderMap, LOCATION};
-
-/// The reference from `Location`, else from the body; `None` when neither has a valid FHIR id.
-pub fn reference_of(headers: &HeaderMap, body: &[u8]) -> Option<Box<str>> {
-    headers
-        .get(LOCATION)
+/// The reference from the answer's `Location` header, else from its body; `None` when neither
+/// has a valid FHIR id.
+pub fn reference_of(location: Option<&http::HeaderValue>, body: &[u8]) -> Option<Box<str>> {
+    location
         .and_then(|v| v.to_str().ok())
         .and_then(from_location)
         .or_else(|| from_body(body))
@@ -119,22 +117,20 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn with_location(l: &'static str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(LOCATION, HeaderValue::from_static(l));
-        h
+    fn location(l: &'static str) -> HeaderValue {
+        HeaderValue::from_static(l)
     }
 
     #[test]
     fn location_wins_and_its_history_suffix_is_skipped() {
         let body = br#"{"resourceType":"Bundle","id":"from-body"}"#;
         assert_eq!(
-            reference_of(&with_location("/ServiceRequest/ID-12345"), body).as_deref(),
+            reference_of(Some(&location("/ServiceRequest/ID-12345")), body).as_deref(),
             Some("ID-12345")
         );
         assert_eq!(
             reference_of(
-                &with_location("https://x/fhir/ServiceRequest/77/_history/3?y=1"),
+                Some(&location("https://x/fhir/ServiceRequest/77/_history/3?y=1")),
                 b""
             )
             .as_deref(),
@@ -145,10 +141,7 @@ mod tests {
     #[test]
     fn the_json_body_top_level_id_is_taken_without_location() {
         let body = br#" {"resourceType":"Bundle","entry":[{"resource":{"id":"inner"}}],"id":"c5d2a6b9-1"}"#;
-        assert_eq!(
-            reference_of(&HeaderMap::new(), body).as_deref(),
-            Some("c5d2a6b9-1")
-        );
+        assert_eq!(reference_of(None, body).as_deref(), Some("c5d2a6b9-1"));
     }
 
     #[test]
@@ -160,29 +153,23 @@ mod tests {
   <entry><resource><MessageHeader><id value="nested"/></MessageHeader></resource></entry>
   <id value="bundle-42"/>
 </Bundle>"#;
-        assert_eq!(
-            reference_of(&HeaderMap::new(), body).as_deref(),
-            Some("bundle-42")
-        );
+        assert_eq!(reference_of(None, body).as_deref(), Some("bundle-42"));
     }
 
     #[test]
     fn no_reference_when_neither_has_a_valid_id() {
-        assert_eq!(reference_of(&HeaderMap::new(), b""), None);
+        assert_eq!(reference_of(None, b""), None);
         assert_eq!(
-            reference_of(&HeaderMap::new(), br#"{"resourceType":"OperationOutcome"}"#),
+            reference_of(None, br#"{"resourceType":"OperationOutcome"}"#),
             None
         );
         assert_eq!(
-            reference_of(&HeaderMap::new(), br#"{"id":"<script>alert(1)</script>"}"#),
+            reference_of(None, br#"{"id":"<script>alert(1)</script>"}"#),
             None,
             "never echoed unless it is a FHIR id"
         );
-        assert_eq!(
-            reference_of(&HeaderMap::new(), b"<Bundle><x/></Bundle>"),
-            None
-        );
-        assert_eq!(reference_of(&HeaderMap::new(), b"not a resource"), None);
-        assert_eq!(reference_of(&with_location("/"), b""), None);
+        assert_eq!(reference_of(None, b"<Bundle><x/></Bundle>"), None);
+        assert_eq!(reference_of(None, b"not a resource"), None);
+        assert_eq!(reference_of(Some(&location("/")), b""), None);
     }
 }
