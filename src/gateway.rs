@@ -2,7 +2,8 @@
 //! Each step is one call into the module that owns it; this file is the order, not the rules.
 //!
 //! ```text
-//! connection: accept ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
+//! connection: accept (max_connections) ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake
+//!             ─► HTTP/1.1 or h2
 //! request:    framing (CL + TE) ─► ids ─► header size ─► route ─► identity headers ─► Accept
 //!             ─► upstream choice ─► body ─┬─ read methods, streamed ───────► forward ─► response
 //!                                         └─ dedup methods, buffered ─► dedup: forward once
@@ -12,6 +13,7 @@
 //! X-Request-Id and X-Correlation-Id.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +25,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
@@ -37,6 +39,7 @@ use crate::bars::{self, render, Refusal};
 use crate::config::{BarsSettings, DedupSettings, ListenSettings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
+use crate::drain::drained;
 use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, StatusLabel};
@@ -121,6 +124,55 @@ struct Connection {
     forwarded_for: HeaderValue,
     cert_subject: Option<HeaderValue>,
     cert_sha256: Option<HeaderValue>,
+}
+
+/// Accepts connections until `shutdown` resolves, then closes the listener. A connection over
+/// `listen.max_connections` is counted and closed at once; each other one is served in its own
+/// task by [`serve_connection`], holding a clone of `alive` until it ends (the caller waits for
+/// every clone to drop while draining). `drain` turns true when the gateway drains.
+pub async fn accept(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    drain: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    let limit = Arc::new(Semaphore::new(shared.listen.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        shared.metrics.connections_accepted.inc();
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.reject(RejectionReason::MaxConnections);
+            if shared.refusal_log.should_log(peer.ip(), Instant::now()) {
+                tracing::warn!(peer = %peer, reason = "max_connections", "connection refused");
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let drain = drain.clone();
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            shared.metrics.connections_open.inc();
+            serve_connection(shared.clone(), stream, peer, drain).await;
+            shared.metrics.connections_open.dec();
+            drop(permit);
+            drop(alive);
+        });
+    }
+    drop(listener);
 }
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the gateway drains.
@@ -263,7 +315,7 @@ pub async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = crate::drained(&mut shutdown), if !closing => {
+            _ = drained(&mut shutdown), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
