@@ -206,7 +206,7 @@ pub async fn serve_connection(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            let reason = handshake_failure_reason(&e);
+            let reason = tls::errors::handshake_failure_reason(&e);
             shared
                 .metrics
                 .tls_handshake_failures
@@ -320,22 +320,6 @@ pub async fn serve_connection(
                 closing = true;
             }
         }
-    }
-}
-
-fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
-    let Some(tls_err) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return "io";
-    };
-    match tls_err {
-        rustls::Error::InvalidCertificate(_) => "bad_certificate",
-        rustls::Error::NoCertificatesPresented => "no_client_certificate",
-        rustls::Error::PeerIncompatible(_) => "incompatible",
-        rustls::Error::InvalidMessage(_) => "invalid_message",
-        _ => "other",
     }
 }
 
