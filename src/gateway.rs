@@ -36,7 +36,7 @@ use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
 use crate::bars::warnings::WarningReporter;
 use crate::bars::{self, render, Refusal};
-use crate::config::{BarsSettings, DedupSettings, ListenSettings};
+use crate::config::{BarsSettings, DedupSettings, ListenSettings, Settings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
 use crate::drain::drained;
@@ -60,10 +60,21 @@ pub struct LiveState {
     pub admission: AdmissionPolicy,
 }
 
+impl LiveState {
+    /// The live state for `settings`, with TLS material loaded from them (how the reloader builds
+    /// the state it swaps in, and how start builds the first one).
+    pub fn build(settings: &Settings, tls: LoadedTls) -> LiveState {
+        LiveState {
+            tls,
+            admission: AdmissionPolicy::from_settings(&settings.client, &settings.listen),
+        }
+    }
+}
+
 /// Everything connection and request handling reads; built once at start.
 pub struct Shared {
-    /// Reloadable state; each handshake reads the current one.
-    pub live: ArcSwap<LiveState>,
+    /// Reloadable state; each handshake reads the current one (the reloader swaps it).
+    pub live: Arc<ArcSwap<LiveState>>,
     /// The approved paths.
     pub routes: RouteTable,
     /// The legacy receivers.

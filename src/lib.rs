@@ -43,7 +43,6 @@ use admission::RefusalLogLimiter;
 use config::{LogSettings, Settings};
 use gateway::{LiveState, Shared};
 use metrics::Metrics;
-use reload::admission_policy;
 pub use reload::Reloader;
 use tls::material::MaterialError;
 
@@ -149,10 +148,7 @@ impl Gateway {
             completion_timeout: settings.upstream.completion_timeout,
         });
         let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(LiveState {
-                tls: loaded,
-                admission: admission_policy(&settings),
-            }),
+            live: Arc::new(ArcSwap::from_pointee(LiveState::build(&settings, loaded))),
             routes: bars::routes::RouteTable::new(
                 &settings.bars.base_path,
                 settings.bars.bars_endpoints,
@@ -183,7 +179,12 @@ impl Gateway {
             ),
             None => None,
         };
-        let reloader = Arc::new(Reloader::new(shared.clone(), settings.clone()));
+        let reloader = Arc::new(Reloader::new(
+            shared.live.clone(),
+            LiveState::build,
+            shared.metrics.clone(),
+            settings.clone(),
+        ));
         let file_watch = reloader.start_watching();
         Ok(Gateway {
             settings,
