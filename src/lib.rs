@@ -4,6 +4,7 @@
 //! [`Gateway::serve`] runs until its shutdown future resolves, then drains. The accept loop, the
 //! connection limit and the order of checks each connection and request goes through live in
 //! [`gateway`].
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
