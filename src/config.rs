@@ -174,7 +174,7 @@ pub struct UpstreamUrl {
 }
 
 /// `[upstream]`: where clean requests go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     /// The default legacy receiver; `None` when only routes serve.
     pub url: Option<UpstreamUrl>,
@@ -197,7 +197,7 @@ pub struct UpstreamSettings {
 }
 
 /// `[bars]`: BaRS request rules.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BarsSettings {
     /// Path prefix of the base URL registered with BaRS ("" or like "/bars/FHIR/R4").
     pub base_path: String,
@@ -235,7 +235,7 @@ pub enum OnStoreError {
 }
 
 /// `[dedup]`: retry deduplication by X-Request-Id (DESIGN.md §5).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DedupSettings {
     /// The store.
     pub backend: DedupBackend,
@@ -252,7 +252,7 @@ pub struct DedupSettings {
 }
 
 /// `[admin]`: the plain-HTTP health and metrics listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     /// Address to bind; `None` disables the admin listener.
     pub address: Option<SocketAddr>,
@@ -268,7 +268,7 @@ pub enum LogFormat {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
     /// Level or `tracing` filter directive, e.g. `info` or `info,bars_gateway=debug`.
     pub level: String,
@@ -1109,10 +1109,11 @@ pub fn parse_pin(text: &str) -> Option<Pin> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid config (also used by the reloader's tests).
+    pub(crate) const MINIMAL: &str = r#"
 [tls]
 certificate = "server.pem"
 private_key = "/abs/server.key"

@@ -2,7 +2,8 @@
 //! Each step is one call into the module that owns it; this file is the order, not the rules.
 //!
 //! ```text
-//! connection: accept ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
+//! connection: accept (max_connections) ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake
+//!             ─► HTTP/1.1 or h2
 //! request:    framing (CL + TE) ─► ids ─► header size ─► route ─► identity headers ─► Accept
 //!             ─► upstream choice ─► body ─┬─ read methods, streamed ───────► forward ─► response
 //!                                         └─ dedup methods, buffered ─► dedup: forward once
@@ -12,6 +13,7 @@
 //! X-Request-Id and X-Correlation-Id.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +25,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
@@ -34,9 +36,10 @@ use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
 use crate::bars::warnings::WarningReporter;
 use crate::bars::{self, render, Refusal};
-use crate::config::{BarsSettings, DedupSettings, ListenSettings};
+use crate::config::{BarsSettings, DedupSettings, ListenSettings, Settings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
+use crate::drain::drained;
 use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, StatusLabel};
@@ -57,10 +60,21 @@ pub struct LiveState {
     pub admission: AdmissionPolicy,
 }
 
+impl LiveState {
+    /// The live state for `settings`, with TLS material loaded from them (how the reloader builds
+    /// the state it swaps in, and how start builds the first one).
+    pub fn build(settings: &Settings, tls: LoadedTls) -> LiveState {
+        LiveState {
+            tls,
+            admission: AdmissionPolicy::from_settings(&settings.client, &settings.listen),
+        }
+    }
+}
+
 /// Everything connection and request handling reads; built once at start.
 pub struct Shared {
-    /// Reloadable state; each handshake reads the current one.
-    pub live: ArcSwap<LiveState>,
+    /// Reloadable state; each handshake reads the current one (the reloader swaps it).
+    pub live: Arc<ArcSwap<LiveState>>,
     /// The approved paths.
     pub routes: RouteTable,
     /// The legacy receivers.
@@ -123,6 +137,55 @@ struct Connection {
     cert_sha256: Option<HeaderValue>,
 }
 
+/// Accepts connections until `shutdown` resolves, then closes the listener. A connection over
+/// `listen.max_connections` is counted and closed at once; each other one is served in its own
+/// task by [`serve_connection`], holding a clone of `alive` until it ends (the caller waits for
+/// every clone to drop while draining). `drain` turns true when the gateway drains.
+pub async fn accept(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    drain: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    let limit = Arc::new(Semaphore::new(shared.listen.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        shared.metrics.connections_accepted.inc();
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.reject(RejectionReason::MaxConnections);
+            if shared.refusal_log.should_log(peer.ip(), Instant::now()) {
+                tracing::warn!(peer = %peer, reason = "max_connections", "connection refused");
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let drain = drain.clone();
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            shared.metrics.connections_open.inc();
+            serve_connection(shared.clone(), stream, peer, drain).await;
+            shared.metrics.connections_open.dec();
+            drop(permit);
+            drop(alive);
+        });
+    }
+    drop(listener);
+}
+
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the gateway drains.
 pub async fn serve_connection(
     shared: Arc<Shared>,
@@ -154,7 +217,7 @@ pub async fn serve_connection(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            let reason = handshake_failure_reason(&e);
+            let reason = tls::errors::handshake_failure_reason(&e);
             shared
                 .metrics
                 .tls_handshake_failures
@@ -263,27 +326,11 @@ pub async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = crate::drained(&mut shutdown), if !closing => {
+            _ = drained(&mut shutdown), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
         }
-    }
-}
-
-fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
-    let Some(tls_err) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return "io";
-    };
-    match tls_err {
-        rustls::Error::InvalidCertificate(_) => "bad_certificate",
-        rustls::Error::NoCertificatesPresented => "no_client_certificate",
-        rustls::Error::PeerIncompatible(_) => "incompatible",
-        rustls::Error::InvalidMessage(_) => "invalid_message",
-        _ => "other",
     }
 }
 

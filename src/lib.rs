@@ -1,8 +1,10 @@
 //! bars-gateway: a TLS-MA reverse-proxy sidecar that makes a legacy NHS system a BaRS receiver.
 //!
 //! [`Gateway::bind`] loads and validates everything, binds the listeners and returns a handle;
-//! [`Gateway::serve`] runs until its shutdown future resolves, then drains. The order of checks
-//! each connection and request goes through lives in [`gateway`].
+//! [`Gateway::serve`] runs until its shutdown future resolves, then drains. The accept loop, the
+//! connection limit and the order of checks each connection and request goes through live in
+//! [`gateway`].
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -13,6 +15,7 @@ pub mod check;
 pub mod config;
 pub mod dedup;
 pub mod demo;
+mod drain;
 pub mod egress;
 pub mod framing;
 pub mod gateway;
@@ -28,18 +31,19 @@ pub mod upstream;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
+
+pub(crate) use drain::drained;
 
 use admission::RefusalLogLimiter;
 use config::{LogSettings, Settings};
 use gateway::{LiveState, Shared};
 use metrics::Metrics;
-use reload::admission_policy;
 pub use reload::Reloader;
 use tls::material::MaterialError;
 
@@ -145,10 +149,7 @@ impl Gateway {
             completion_timeout: settings.upstream.completion_timeout,
         });
         let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(LiveState {
-                tls: loaded,
-                admission: admission_policy(&settings),
-            }),
+            live: Arc::new(ArcSwap::from_pointee(LiveState::build(&settings, loaded))),
             routes: bars::routes::RouteTable::new(
                 &settings.bars.base_path,
                 settings.bars.bars_endpoints,
@@ -179,7 +180,12 @@ impl Gateway {
             ),
             None => None,
         };
-        let reloader = Arc::new(Reloader::new(shared.clone(), settings.clone()));
+        let reloader = Arc::new(Reloader::new(
+            shared.live.clone(),
+            LiveState::build,
+            shared.metrics.clone(),
+            settings.clone(),
+        ));
         let file_watch = reloader.start_watching();
         Ok(Gateway {
             settings,
@@ -277,7 +283,6 @@ impl Gateway {
         tokio::spawn(reloader.watch(file_watch, drain_rx.clone()));
         let egress =
             egress.map(|e| tokio::spawn(e.serve(drain_rx.clone(), settings.listen.shutdown_grace)));
-        let limit = Arc::new(Semaphore::new(settings.listen.max_connections));
         let startup = StartupFacts::of(&settings, &shared);
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -290,47 +295,11 @@ impl Gateway {
             nearest_certificate = %startup.nearest_certificate,
             "bars-gateway listening"
         );
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut shutdown => break,
-            };
-            shared.metrics.connections_accepted.inc();
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                shared
-                    .metrics
-                    .reject(rejection::RejectionReason::MaxConnections);
-                if shared.refusal_log.should_log(peer.ip(), Instant::now()) {
-                    tracing::warn!(peer = %peer, reason = "max_connections", "connection refused");
-                }
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let shared = shared.clone();
-            let drain = drain_rx.clone();
-            let alive = alive_tx.clone();
-            tokio::spawn(async move {
-                shared.metrics.connections_open.inc();
-                gateway::serve_connection(shared.clone(), stream, peer, drain).await;
-                shared.metrics.connections_open.dec();
-                drop(permit);
-                drop(alive);
-            });
-        }
-        // Close the listener first, so that once "draining" is logged no connection can get in.
-        drop(listener);
+        gateway::accept(shared, listener, shutdown, drain_rx, alive_tx).await;
+        // accept() has closed the listener, so that once "draining" is logged no connection can
+        // get in.
         tracing::info!(grace = ?settings.listen.shutdown_grace, "draining: no new connections, finishing requests in flight");
         let _ = drain_tx.send(true);
-        drop(alive_tx);
         // recv() returns None once every connection task has dropped its sender.
         if tokio::time::timeout(settings.listen.shutdown_grace, alive_rx.recv())
             .await
@@ -451,17 +420,5 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
 fn systemd_notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Resolves once the drain flag turns true (or its sender is gone).
-pub(crate) async fn drained(flag: &mut watch::Receiver<bool>) {
-    loop {
-        if *flag.borrow_and_update() {
-            return;
-        }
-        if flag.changed().await.is_err() {
-            return;
-        }
     }
 }

@@ -1,4 +1,5 @@
 //! The `bars-gateway` command line: `run`, `check`, `demo`, `keygen`. Everything else lives in the library.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -52,7 +52,7 @@ label_enum! {
         ProxyHeaderTimeout => "proxy_header_timeout",
         /// The socket failed before the handshake.
         Io => "io",
-        // The connection (src/lib.rs, src/gateway.rs).
+        // The connection (src/gateway.rs).
         /// `listen.max_connections` connections are already open.
         MaxConnections => "max_connections",
         /// The handshake completed without a client certificate reaching the request layer.

@@ -15,11 +15,12 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::admission::{AdmissionPolicy, IpAllowlist};
+use arc_swap::ArcSwap;
+
 use crate::config::{self, Settings};
-use crate::gateway::{LiveState, Shared};
-use crate::metrics::ResultLabel;
-use crate::tls;
+use crate::gateway::LiveState;
+use crate::metrics::{Metrics, ResultLabel};
+use crate::tls::{self, LoadedTls};
 
 /// File events are collected for this long before the files are looked at: an operator (or
 /// Kubernetes) replacing a certificate and its key produces several events in a burst.
@@ -52,9 +53,15 @@ pub enum ReloadError {
     Task(String),
 }
 
+/// How the reloader builds the state it swaps in, from new settings and their TLS material.
+pub type BuildLive = fn(&Settings, LoadedTls) -> LiveState;
+
 /// Reloads a running gateway's TLS material and admission lists.
 pub struct Reloader {
-    shared: Arc<Shared>,
+    /// The swappable state, shared with the connections that read it.
+    live: Arc<ArcSwap<LiveState>>,
+    build: BuildLive,
+    metrics: Arc<Metrics>,
     settings: Mutex<Settings>,
     /// Serialises reloads (SIGHUP, file events and polling may coincide).
     running: tokio::sync::Mutex<()>,
@@ -71,15 +78,6 @@ pub struct ReloadCounts {
     pub succeeded: u64,
     /// Failed reloads (the old state stayed in service).
     pub failed: u64,
-}
-
-/// The admission policy for a set of settings.
-pub fn admission_policy(settings: &Settings) -> AdmissionPolicy {
-    AdmissionPolicy {
-        allowed_ips: IpAllowlist::new(settings.client.allowed_ips.clone()),
-        trusted_proxies: IpAllowlist::new(settings.listen.trusted_proxies.clone()),
-        proxy_header_timeout: settings.listen.header_read_timeout,
-    }
 }
 
 /// Every file whose change triggers a reload: the config file and the TLS files.
@@ -109,8 +107,6 @@ pub fn content_hash(files: &[PathBuf]) -> [u8; 32] {
 /// The keys whose change needs a restart, comparing the settings in force with new ones.
 fn restart_required(old: &Settings, new: &Settings) -> Vec<&'static str> {
     let mut keys = Vec::new();
-    let differ =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let l = (&old.listen, &new.listen);
     if l.0.address != l.1.address {
         keys.push("listen.address");
@@ -123,30 +119,38 @@ fn restart_required(old: &Settings, new: &Settings) -> Vec<&'static str> {
     {
         keys.push("listen (limits)");
     }
-    if differ(&old.upstream, &new.upstream) {
+    if old.upstream != new.upstream {
         keys.push("upstream");
     }
-    if differ(&old.bars, &new.bars) {
+    if old.bars != new.bars {
         keys.push("bars");
     }
-    if differ(&old.dedup, &new.dedup) {
+    if old.dedup != new.dedup {
         keys.push("dedup");
     }
-    if differ(&old.admin, &new.admin) {
+    if old.admin != new.admin {
         keys.push("admin");
     }
-    if differ(&old.log, &new.log) {
+    if old.log != new.log {
         keys.push("log");
     }
     keys
 }
 
 impl Reloader {
-    /// A reloader for a gateway started with `settings`.
-    pub fn new(shared: Arc<Shared>, settings: Settings) -> Reloader {
+    /// A reloader for a gateway started with `settings`: it swaps `live` for what `build` makes
+    /// of each valid new config, and counts reloads in `metrics`.
+    pub fn new(
+        live: Arc<ArcSwap<LiveState>>,
+        build: BuildLive,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Reloader {
         let hash = content_hash(&watched_files(&settings));
         Reloader {
-            shared,
+            live,
+            build,
+            metrics,
             settings: Mutex::new(settings),
             running: tokio::sync::Mutex::new(()),
             last_hash: Mutex::new(hash),
@@ -193,7 +197,7 @@ impl Reloader {
             ),
         };
         *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()) = hash;
-        let metrics = &self.shared.metrics;
+        let metrics = &self.metrics;
         match result {
             Ok((new, tls)) => {
                 let report = ReloadReport {
@@ -201,10 +205,7 @@ impl Reloader {
                 };
                 metrics.record_certificates(&tls);
                 metrics.record_reload(true);
-                self.shared.live.store(Arc::new(LiveState {
-                    tls,
-                    admission: admission_policy(&new),
-                }));
+                self.live.store(Arc::new((self.build)(&new, tls)));
                 metrics
                     .reloads
                     .get_or_create(&ResultLabel { result: "success" })
@@ -317,5 +318,54 @@ impl Reloader {
             }
         }
         Some(watcher)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restart_required;
+    use crate::config::tests::MINIMAL;
+    use crate::config::{parse, Settings};
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn settings() -> Settings {
+        parse(MINIMAL, Path::new("/etc/gw/config.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn reloadable_changes_need_no_restart() {
+        let old = settings();
+        let mut new = old.clone();
+        new.client.allowed_ips = vec!["10.0.0.1/32".parse().unwrap()];
+        new.listen.trusted_proxies = vec!["10.0.0.2/32".parse().unwrap()];
+        new.tls.reload_interval = Duration::from_secs(7);
+        assert_eq!(restart_required(&old, &new), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn each_restart_only_section_is_named() {
+        let old = settings();
+        let mut new = old.clone();
+        new.listen.max_connections += 1;
+        new.upstream.request_timeout += Duration::from_secs(1);
+        new.bars.require_identity_headers = !new.bars.require_identity_headers;
+        new.dedup.ttl += Duration::from_secs(1);
+        new.admin.address = Some("127.0.0.1:9999".parse().unwrap());
+        new.log.audit = !new.log.audit;
+        assert_eq!(
+            restart_required(&old, &new),
+            [
+                "listen (limits)",
+                "upstream",
+                "bars",
+                "dedup",
+                "admin",
+                "log"
+            ]
+        );
+        let mut moved = old.clone();
+        moved.listen.address = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(restart_required(&old, &moved), ["listen.address"]);
     }
 }

@@ -180,7 +180,10 @@ pub fn config(data: &[u8]) {
     };
     match bars_gateway::config::parse(text, Path::new("/nonexistent/fuzz/config.toml")) {
         Ok(settings) => {
-            let _ = bars_gateway::reload::admission_policy(&settings);
+            let _ = bars_gateway::admission::AdmissionPolicy::from_settings(
+                &settings.client,
+                &settings.listen,
+            );
             let _ = bars_gateway::reload::watched_files(&settings);
             let _ = bars_gateway::bars::routes::RouteTable::new(
                 &settings.bars.base_path,

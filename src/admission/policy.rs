@@ -13,6 +13,7 @@ use super::proxy::{
     V2_SIGNATURE,
 };
 use super::AdmissionError;
+use crate::config::{ClientSettings, ListenSettings};
 
 /// CIDR list; matching normalises IPv4-mapped IPv6 (::ffff:a.b.c.d) to IPv4.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -122,6 +123,18 @@ pub struct AdmissionPolicy {
     pub trusted_proxies: IpAllowlist,
     /// Limit on waiting for the PROXY header (trusted peers) or the first byte (direct peers).
     pub proxy_header_timeout: Duration,
+}
+
+impl AdmissionPolicy {
+    /// The policy `[client]` and `[listen]` describe: `client.allowed_ips`,
+    /// `listen.trusted_proxies`, and `listen.header_read_timeout` as the wait for the first bytes.
+    pub fn from_settings(client: &ClientSettings, listen: &ListenSettings) -> AdmissionPolicy {
+        AdmissionPolicy {
+            allowed_ips: IpAllowlist::new(client.allowed_ips.clone()),
+            trusted_proxies: IpAllowlist::new(listen.trusted_proxies.clone()),
+            proxy_header_timeout: listen.header_read_timeout,
+        }
+    }
 }
 
 /// A connection allowed to proceed to the TLS handshake, with the address it is on behalf of.

@@ -5,6 +5,7 @@
 //! A `ServerConfig` is built whole at start and at every reload and swapped in atomically; a
 //! handshake reads whichever is current (see `gateway.rs`).
 
+pub mod errors;
 pub mod inspect;
 pub mod material;
 pub mod nhs;
