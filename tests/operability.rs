@@ -33,13 +33,7 @@ async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// Polls `/readyz` (its readiness is computed in the background every 2 s) until it answers
 /// `want`, up to 15 s.
 async fn wait_for_readyz(admin: SocketAddr, want: u16) {
-    for _ in 0..150 {
-        if admin_get(admin, "/readyz").await.0 == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("/readyz never answered {want}");
+    readyz_until(admin, |status, _| status == want).await;
 }
 
 #[tokio::test]

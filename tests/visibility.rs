@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt as _;
 use std::time::Duration;
 
@@ -20,26 +19,6 @@ fn sample(exposition: &str, series: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// Polls `/readyz` (computed in the background every 2 s) until `done` holds for its JSON body,
-/// up to 15 s; returns (status, body).
-async fn readyz_until(
-    admin: SocketAddr,
-    done: impl Fn(u16, &serde_json::Value) -> bool,
-) -> (u16, serde_json::Value) {
-    let mut last = (0, serde_json::Value::Null);
-    for _ in 0..150 {
-        let (status, content_type, body) = admin_request(admin, "/readyz").await;
-        assert_eq!(content_type, "application/json");
-        let json: serde_json::Value = serde_json::from_str(&body).expect("/readyz is JSON");
-        if done(status, &json) {
-            return (status, json);
-        }
-        last = (status, json);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("/readyz never reached the expected state; last: {last:?}");
 }
 
 #[tokio::test]
@@ -117,14 +96,7 @@ async fn connections_handshakes_and_dedup_entries_are_counted() {
         Some(2.0)
     );
     // The entries gauge is set by the background probe: wait for it to see the POST's id.
-    for _ in 0..150 {
-        let (_, _, metrics) = admin_request(admin, "/metrics").await;
-        if sample(&metrics, "bars_gateway_dedup_entries") == Some(1.0) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("bars_gateway_dedup_entries never showed the one id");
+    wait_for_metric_of(admin, "bars_gateway_dedup_entries", |v| v == 1.0).await;
 }
 
 #[tokio::test]

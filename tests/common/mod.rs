@@ -1100,3 +1100,23 @@ pub fn assert_xml_outcome(reply: &Reply2, status: u16, code: &str, issue: &str) 
     );
     fhir_xml_value(&xml, "diagnostics")
 }
+
+/// Polls `/readyz` (computed in the background every 2 s) until `done` holds for its JSON body,
+/// up to 15 s; returns (status, body).
+pub async fn readyz_until(
+    admin: SocketAddr,
+    done: impl Fn(u16, &serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let mut last = (0, serde_json::Value::Null);
+    for _ in 0..150 {
+        let (status, content_type, body) = admin_request(admin, "/readyz").await;
+        assert_eq!(content_type, "application/json");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("/readyz is JSON");
+        if done(status, &json) {
+            return (status, json);
+        }
+        last = (status, json);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/readyz never reached the expected state; last: {last:?}");
+}
