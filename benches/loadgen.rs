@@ -8,9 +8,15 @@
 //! - `connect`: a new TCP + TLS 1.3 connection per request (full handshake: resumption off),
 //!   `GET /metadata` with `Connection: close`;
 //! - `hold`: opens `--connections` TLS connections (one request each, then idle), reports the
-//!   servers' RSS while they are held, then closes them.
+//!   servers' RSS while they are held, then closes them;
+//! - `rate`: open loop, the added latency a user feels: `GET /metadata` (full header set) at a
+//!   fixed `--rate` per second over `--concurrency` keep-alive connections, each request on its
+//!   schedule whatever happened to the one before; its latency counts from the time it was due,
+//!   so a stall shows as the queue it builds (no coordinated omission).
 //!
-//! Every worker keeps one request in flight (fixed concurrency). The run is bounded by a warm-up,
+//! `--plain` talks HTTP/1.1 without TLS (the backend, directly: the baseline of `rate`).
+//!
+//! Except in `rate`, every worker keeps one request in flight (fixed concurrency). The run is bounded by a warm-up,
 //! a measured window and `--max-requests`; requests completing inside the window are counted,
 //! and their latencies sorted for percentiles (a sorted vector is an exact histogram). With
 //! `--server-pids`, the CPU time those processes used in the window (from /proc) is reported too:
@@ -49,6 +55,7 @@ enum Mode {
     Post,
     Connect,
     Hold,
+    Rate,
 }
 
 /// Drives an mTLS HTTP/1.1 server (bars-gateway or nginx) at fixed concurrency.
@@ -100,6 +107,12 @@ struct Args {
     /// `hold`: seconds to keep them open once all are up.
     #[arg(long, default_value_t = 3.0)]
     hold: f64,
+    /// `rate`: requests per second, spread evenly over the connections (open loop).
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Plain HTTP/1.1, no TLS (the backend itself).
+    #[arg(long)]
+    plain: bool,
 }
 
 fn main() {
@@ -138,7 +151,8 @@ fn main() {
 /// Everything workers share.
 struct Ctx {
     addr: SocketAddr,
-    connector: TlsConnector,
+    /// `None`: plain HTTP.
+    connector: Option<TlsConnector>,
     server_name: ServerName<'static>,
     method: Method,
     path: &'static str,
@@ -261,9 +275,13 @@ impl WorkerStats {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
-    let connector = TlsConnector::from(client_config(&args)?);
+    let connector = if args.plain {
+        None
+    } else {
+        Some(TlsConnector::from(client_config(&args)?))
+    };
     let (method, path, close) = match args.mode {
-        Mode::Get | Mode::Hold => (Method::GET, "/metadata", false),
+        Mode::Get | Mode::Hold | Mode::Rate => (Method::GET, "/metadata", false),
         Mode::Post => (Method::POST, "/$process-message", false),
         Mode::Connect => (Method::GET, "/metadata", true),
     };
@@ -306,10 +324,17 @@ async fn run(args: Args) -> Result<(), BoxError> {
         })
     };
     let mut workers = tokio::task::JoinSet::new();
-    for i in 0..args.concurrency.max(1) {
+    let count = args.concurrency.max(1);
+    for i in 0..count {
         let ctx = ctx.clone();
         if args.mode == Mode::Connect {
             workers.spawn(connect_worker(ctx, i));
+        } else if args.mode == Mode::Rate {
+            // Worker i sends requests i, i + count, i + 2 count, ... of one evenly spaced
+            // schedule at `rate` per second.
+            let interval = Duration::from_secs_f64(count as f64 / args.rate.max(0.001));
+            let first = now + Duration::from_secs_f64(i as f64 / args.rate.max(0.001));
+            workers.spawn(rate_worker(ctx, i, first, interval));
         } else {
             workers.spawn(keepalive_worker(ctx, i));
         }
@@ -347,9 +372,14 @@ fn report(args: &Args, total: &WorkerStats, server_cpu: f64, client_cpu: f64, ma
         eprintln!("loadgen[{}]: first non-2xx status: {s}", args.label);
     }
     println!(
-        "RESULT label={} mode={:?} conc={} window_s={:.1} completed={} ok={} rps={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} errors={} non2xx={} server_cpu_s={:.2} server_cpu_us_per_req={:.1} client_cpu_s={:.2} machine_busy_pct={:.0} machine_steal_pct={:.1}",
+        "RESULT label={} mode={:?}{} conc={} window_s={:.1} completed={} ok={} rps={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} max_ms={:.3} errors={} non2xx={} server_cpu_s={:.2} server_cpu_us_per_req={:.1} client_cpu_s={:.2} machine_busy_pct={:.0} machine_steal_pct={:.1}",
         args.label,
         args.mode,
+        if args.mode == Mode::Rate {
+            format!(" rate={:.0}", args.rate)
+        } else {
+            String::new()
+        },
         args.concurrency,
         args.duration,
         completed,
@@ -400,6 +430,54 @@ async fn keepalive_worker(ctx: Arc<Ctx>, index: usize) -> WorkerStats {
         let started = Instant::now();
         match tokio::time::timeout(ATTEMPT_TIMEOUT, send(s, request)).await {
             Ok(Ok(status)) => stats.record(&ctx, started, status),
+            Ok(Err(e)) => {
+                stats.error(&ctx, e);
+                sender = None;
+            }
+            Err(_) => {
+                stats.error(&ctx, "request timed out");
+                sender = None;
+            }
+        }
+    }
+    stats
+}
+
+/// Open loop: one keep-alive connection, requests sent on their schedule (`first`, then every
+/// `interval`); each latency counts from the time the request was due, so a request that waits
+/// for a slow predecessor is charged for the wait.
+async fn rate_worker(ctx: Arc<Ctx>, index: usize, first: Instant, interval: Duration) -> WorkerStats {
+    let mut stats = WorkerStats::default();
+    let mut ids = IdGen::new(index);
+    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    let mut due = first;
+    while due < ctx.end && ctx.take_one() {
+        tokio::time::sleep_until(due.into()).await;
+        let scheduled = due;
+        due += interval;
+        let s = match sender.as_mut() {
+            Some(s) => s,
+            None => match tokio::time::timeout(ATTEMPT_TIMEOUT, connect(&ctx)).await {
+                Ok(Ok(s)) => sender.insert(s),
+                Ok(Err(e)) => {
+                    stats.error(&ctx, e);
+                    continue;
+                }
+                Err(_) => {
+                    stats.error(&ctx, "connect timed out");
+                    continue;
+                }
+            },
+        };
+        let request = match ctx.request(ids.next()) {
+            Ok(r) => r,
+            Err(e) => {
+                stats.error(&ctx, e);
+                break;
+            }
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, send(s, request)).await {
+            Ok(Ok(status)) => stats.record(&ctx, scheduled, status),
             Ok(Err(e)) => {
                 stats.error(&ctx, e);
                 sender = None;
@@ -528,7 +606,14 @@ async fn hold(ctx: Arc<Ctx>, args: &Args) -> Result<(), BoxError> {
 async fn connect(ctx: &Ctx) -> Result<SendRequest<Full<Bytes>>, BoxError> {
     let tcp = TcpStream::connect(ctx.addr).await?;
     tcp.set_nodelay(true)?;
-    let tls = ctx.connector.connect(ctx.server_name.clone(), tcp).await?;
+    let Some(connector) = &ctx.connector else {
+        let (sender, connection) = http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        return Ok(sender);
+    };
+    let tls = connector.connect(ctx.server_name.clone(), tcp).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(async move {
         let _ = connection.await;

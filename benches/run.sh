@@ -2,15 +2,18 @@
 # bars-gateway vs nginx, one command: benches/run.sh
 #
 # Builds once (--release), makes an RSA-2048 PKI with openssl, starts one static backend, the
-# gateway (full BaRS validation, memory dedup, audit off, log warn) and nginx twice (one worker,
-# the issue's reference, and `worker_processes auto`), then drives all three with the same mTLS
-# load generator (benches/loadgen.rs) in alternating rounds and prints the ratio table
-# (benches/summarize.py). Also: idle RSS, RSS at N idle TLS connections, the dedup memory
-# store at 1M entries, and the criterion microbenchmarks. Everything listens on 127.0.0.1, every
+# gateway (full BaRS validation, memory dedup, audit off, log warn), nginx twice (one worker,
+# the issue's reference, and `worker_processes auto`) and haproxy (`nbthread 2`, the best peer),
+# then drives all four with the same mTLS load generator (benches/loadgen.rs) in alternating
+# rounds and prints the ratio table (benches/summarize.py). Also: the added latency at a fixed
+# rate (open loop, each proxy minus the backend called directly), idle RSS, RSS at N idle TLS
+# connections, the dedup memory store at 1M entries, and the criterion microbenchmarks. Everything listens on 127.0.0.1, every
 # loop is bounded, every process started here is stopped by its pid on exit.
 #
 # Knobs (environment): ROUNDS=3 ROUND_SECS=6 WARMUP=1 CONC_GET=64 CONC_POST=64 CONC_CONNECT=32
 #   HOLD_CONNS=10000 MODES="get post connect" SKIP_MICRO=0 SKIP_HOLD=0 SKIP_DEDUP=0
+#   RATE=500 RATE_CONNS=16 RATE_SECS=10 RATE_ROUNDS=3 (the open-loop added-latency test;
+#   RATE_ROUNDS=0 skips it) SKIP_HAPROXY=0
 #   BIN_DIR=dir (reuse saved executables instead of building; the microbenchmarks then run
 #   $BIN_DIR/hot_paths)
 #   GATEWAY_VARIANTS="name:VAR=value[,VAR=value] ..." extra gateways in the rounds, same binary
@@ -31,6 +34,11 @@ CONC_POST=${CONC_POST:-64}
 CONC_CONNECT=${CONC_CONNECT:-32}
 HOLD_CONNS=${HOLD_CONNS:-10000}
 MODES=${MODES:-get post connect}
+RATE=${RATE:-500}
+RATE_CONNS=${RATE_CONNS:-16}
+RATE_SECS=${RATE_SECS:-10}
+RATE_ROUNDS=${RATE_ROUNDS:-3}
+SKIP_HAPROXY=${SKIP_HAPROXY:-0}
 AUDIT=${AUDIT:-0}
 PROFILE=${PROFILE:-0}
 GATEWAY_VARIANTS=${GATEWAY_VARIANTS:-}
@@ -64,9 +72,10 @@ ulimit -Hn 1048576 2>/dev/null || true
 ulimit -Sn 1048576 2>/dev/null || ulimit -Sn "$(ulimit -Hn)"
 log "fd limit: $(ulimit -n)"
 
-# Debian packages the harness needs (nginx is the comparison; openssl makes the PKI).
+# Debian packages the harness needs (nginx and haproxy are the comparison; openssl makes the PKI).
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+[ "$SKIP_HAPROXY" = 1 ] || command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 if ((${#missing[@]})); then
@@ -85,6 +94,7 @@ fi
     echo "memory: $(free -m | awk '/^Mem:/ {print $2 " MiB"}')"
     echo "kernel: $(uname -r)"
     echo "nginx: $(nginx -v 2>&1 | sed 's/.*: //')"
+    [ "$SKIP_HAPROXY" = 1 ] || echo "haproxy: $(haproxy -v | head -1)"
     echo "openssl: $(openssl version)"
     echo "rustc: $(rustc --version)"
     echo "uptime at start: $(uptime)"
@@ -131,10 +141,10 @@ make_pki "$P" "Bench NHS Root" "$CN" wrong >"$OUT/pki.log" 2>&1
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 BASE=${BENCH_PORT_BASE:-$((20000 + (RANDOM % 400) * 20))}
 for _ in $(seq 20); do
-    if port_free $BASE && port_free $((BASE + 1)) && port_free $((BASE + 2)) && port_free $((BASE + 3)) && port_free $((BASE + 4)); then break; fi
+    if port_free $BASE && port_free $((BASE + 1)) && port_free $((BASE + 2)) && port_free $((BASE + 3)) && port_free $((BASE + 4)) && port_free $((BASE + 5)); then break; fi
     BASE=$((20000 + (RANDOM % 400) * 20))
 done
-BACKEND_PORT=$BASE GW_PORT=$((BASE + 1)) NGX1_PORT=$((BASE + 2)) NGXA_PORT=$((BASE + 3)) ADMIN_PORT=$((BASE + 4))
+BACKEND_PORT=$BASE GW_PORT=$((BASE + 1)) NGX1_PORT=$((BASE + 2)) NGXA_PORT=$((BASE + 3)) ADMIN_PORT=$((BASE + 4)) HAP_PORT=$((BASE + 5))
 
 wait_port() { # port what
     for _ in $(seq 100); do
@@ -268,13 +278,62 @@ start_nginx "$WORK/nginxa" "$NGXA_PORT" auto
 NGXA_PID=$NGINX_PID
 cp "$WORK/nginx1/nginx.conf" "$OUT/nginx-1worker.conf"
 
+# haproxy, the best peer measured so far, with the same policy: TLS-MA against the same CA,
+# the CN check, the loopback allow-list (before TLS), Authorization stripped, X-Forwarded-For,
+# keep-alive upstream connections shared between clients (`http-reuse always`), two threads.
+HAP_PIDS=""
+if [ "$SKIP_HAPROXY" != 1 ]; then
+    H=$WORK/haproxy
+    mkdir -p "$H"
+    cat "$P/server.pem" "$P/server.key" >"$H/server-with-key.pem"
+    cat >"$H/haproxy.cfg" <<HAPEOF
+global
+    nbthread 2
+    maxconn 20000
+    # the container's hard descriptor limit may be below the 2 x maxconn haproxy asks for; the
+    # idle-connection test needs one descriptor per client connection (plus a few upstream)
+    no strict-limits
+    pidfile $H/haproxy.pid
+    log stderr format raw local0 warning
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    log global
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 60s
+    timeout http-keep-alive 60s
+frontend bars
+    bind 127.0.0.1:$HAP_PORT ssl crt $H/server-with-key.pem ca-file $P/ca.pem verify required alpn http/1.1 backlog 4096
+    maxconn 20000
+    tcp-request connection reject unless { src 127.0.0.1 }
+    http-request deny deny_status 403 unless { ssl_c_s_dn(CN) -m str $CN }
+    http-request del-header Authorization
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Client-Cert-Subject %[ssl_c_s_dn]
+    option forwardfor
+    default_backend legacy
+backend legacy
+    http-reuse always
+    server legacy 127.0.0.1:$BACKEND_PORT
+HAPEOF
+    cp "$H/haproxy.cfg" "$OUT/haproxy.cfg"
+    haproxy -c -f "$H/haproxy.cfg" >"$OUT/haproxy-check.log" 2>&1 || { cat "$OUT/haproxy-check.log"; exit 1; }
+    haproxy -db -f "$H/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
+    HAP_PID=$!
+    STARTED_PIDS+=("$HAP_PID")
+    wait_port "$HAP_PORT" haproxy
+fi
+
 # Gateway variants: the same binary and config on other ports, another environment.
 VARIANT_SERVERS=()
 i=0
 for variant in $GATEWAY_VARIANTS; do
     name=${variant%%:*}
     envs=${variant#*:}
-    port=$((BASE + 5 + i))
+    port=$((BASE + 6 + i))
     i=$((i + 1))
     sed -e "s/^address = \"127.0.0.1:$GW_PORT\"/address = \"127.0.0.1:$port\"/" \
         -e "s/^address = \"127.0.0.1:$ADMIN_PORT\"/address = \"\"/" "$WORK/gateway.toml" >"$WORK/gateway-$name.toml"
@@ -308,7 +367,8 @@ rss_kb() { # comma list of pids -> summed VmRSS kB
 GW_PIDS=$GW_PID
 NGX1_PIDS=$(pids_of "$NGX1_PID")
 NGXA_PIDS=$(pids_of "$NGXA_PID")
-log "ports: backend $BACKEND_PORT, gateway $GW_PORT, nginx-1w $NGX1_PORT ($NGX1_PIDS), nginx-auto $NGXA_PORT ($NGXA_PIDS)"
+[ "$SKIP_HAPROXY" = 1 ] || HAP_PIDS=$(pids_of "$HAP_PID")
+log "ports: backend $BACKEND_PORT, gateway $GW_PORT, nginx-1w $NGX1_PORT ($NGX1_PIDS), nginx-auto $NGXA_PORT ($NGXA_PIDS), haproxy $HAP_PORT (${HAP_PIDS:-skipped})"
 
 # ---------------------------------------------------------------------------------------------
 # 4. Idle RSS, before any traffic.
@@ -317,6 +377,7 @@ RESULTS=$OUT/results.txt
 echo "IDLE label=gateway rss_kb=$(rss_kb "$GW_PIDS") pids=$GW_PIDS" >>"$RESULTS"
 echo "IDLE label=nginx-1w rss_kb=$(rss_kb "$NGX1_PIDS") pids=$NGX1_PIDS" >>"$RESULTS"
 echo "IDLE label=nginx-auto rss_kb=$(rss_kb "$NGXA_PIDS") pids=$NGXA_PIDS" >>"$RESULTS"
+[ -z "$HAP_PIDS" ] || echo "IDLE label=haproxy rss_kb=$(rss_kb "$HAP_PIDS") pids=$HAP_PIDS" >>"$RESULTS"
 for s in "${VARIANT_SERVERS[@]}"; do
     set -- $s
     echo "IDLE label=$1 rss_kb=$(rss_kb "$3") pids=$3" >>"$RESULTS"
@@ -331,7 +392,9 @@ policy() { # port cert
         -H "X-Request-Id: $(cat /proc/sys/kernel/random/uuid)" -H "X-Correlation-Id: $(cat /proc/sys/kernel/random/uuid)" \
         -H "Accept: application/fhir+json; version=1.0.0" "https://localhost:$1/metadata" || true
 }
-for s in "gateway $GW_PORT" "nginx-1w $NGX1_PORT" "nginx-auto $NGXA_PORT"; do
+POLICY_SERVERS=("gateway $GW_PORT" "nginx-1w $NGX1_PORT" "nginx-auto $NGXA_PORT")
+[ -z "$HAP_PIDS" ] || POLICY_SERVERS+=("haproxy $HAP_PORT")
+for s in "${POLICY_SERVERS[@]}"; do
     set -- $s
     echo "POLICY label=$1 proxy_cn=$(policy "$2" client) wrong_cn=$(policy "$2" wrong)" >>"$RESULTS"
 done
@@ -347,6 +410,7 @@ loadgen() { # label port pids mode conc [extra args]
         --label "$label" --server-pids "$pids" "$@" 2>>"$OUT/loadgen.log"
 }
 SERVERS=("gateway $GW_PORT $GW_PIDS" "nginx-1w $NGX1_PORT $NGX1_PIDS" "nginx-auto $NGXA_PORT $NGXA_PIDS")
+[ -z "$HAP_PIDS" ] || SERVERS+=("haproxy $HAP_PORT $HAP_PIDS")
 
 # ---------------------------------------------------------------------------------------------
 # 6. RSS at N idle TLS connections (one request each, then idle), servers one at a time. The
@@ -385,6 +449,28 @@ done
 echo "AFTER label=gateway rss_kb=$(rss_kb "$GW_PIDS")" >>"$RESULTS"
 echo "AFTER label=nginx-1w rss_kb=$(rss_kb "$NGX1_PIDS")" >>"$RESULTS"
 echo "AFTER label=nginx-auto rss_kb=$(rss_kb "$NGXA_PIDS")" >>"$RESULTS"
+[ -z "$HAP_PIDS" ] || echo "AFTER label=haproxy rss_kb=$(rss_kb "$HAP_PIDS")" >>"$RESULTS"
+
+# ---------------------------------------------------------------------------------------------
+# 7b. The added latency a user feels: a fixed moderate rate, open loop, through each proxy and
+#     to the backend directly (plain HTTP, the baseline), alternating; summarize.py subtracts.
+for round in $(seq "$RATE_ROUNDS"); do
+    order=("direct $BACKEND_PORT $BACKEND_PID" "${SERVERS[@]}")
+    if [ $((round % 2)) = 0 ]; then
+        reversed=()
+        for ((k = ${#order[@]} - 1; k >= 0; k--)); do reversed+=("${order[k]}"); done
+        order=("${reversed[@]}")
+    fi
+    for s in "${order[@]}"; do
+        set -- $s
+        log "round $round: $RATE req/s open loop -> $1"
+        extra=()
+        [ "$1" = direct ] && extra=(--plain)
+        line=$(loadgen "$1" "$2" "$3" rate "$RATE_CONNS" --rate "$RATE" --duration "$RATE_SECS" --warmup "$WARMUP" "${extra[@]}") || line=""
+        if [ -z "$line" ]; then log "loadgen failed against $1 (rate)"; continue; fi
+        echo "$line round=$round" | tee -a "$RESULTS" >&2
+    done
+done
 curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/gateway-metrics.txt" || true
 echo "METRICS $(grep -E '^bars_gateway_(dedup_total|requests_total|rejections_total)' "$OUT/gateway-metrics.txt" | tr '\n' ' ')" >>"$RESULTS"
 
@@ -409,8 +495,9 @@ fi
 # 9. Dedup memory store at 1M entries, and the microbenchmarks (servers stopped: less noise).
 cleanup_servers() {
     local pid
-    for pid in "$GW_PID" "$NGX1_PID" "$NGXA_PID" "$BACKEND_PID"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "$GW_PID" "$NGX1_PID" "$NGXA_PID" "$BACKEND_PID"; do
+    for pid in "$GW_PID" "$NGX1_PID" "$NGXA_PID" "${HAP_PID:-}" "$BACKEND_PID"; do [ -z "$pid" ] || kill "$pid" 2>/dev/null || true; done
+    for pid in "$GW_PID" "$NGX1_PID" "$NGXA_PID" "${HAP_PID:-}" "$BACKEND_PID"; do
+        [ -n "$pid" ] || continue
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     done
 }

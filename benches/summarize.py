@@ -2,23 +2,26 @@
 """Turns benches/run.sh's results.txt into the Markdown tables of BENCHMARKS.md.
 
 Usage: summarize.py results.txt [machine.txt]
-Medians over rounds; every ratio is bars-gateway / nginx from the same run.
+Medians over rounds; every ratio is bars-gateway / a peer from the same run. The goals are
+issue 18's: keep-alive GET at least haproxy's req/s, CPU per request and p99 at most nginx's
+(one worker); POST 35 KB with dedup at least nginx's req/s and at most 1.2x its CPU per request;
+handshakes/s ahead of every peer; per idle TLS connection at most nginx's memory; idle RSS at
+most 13 MB.
 """
 import statistics
 import sys
 from collections import defaultdict
 
-GOALS = {  # mode: (minimum req/s ratio vs nginx with one worker, p99 must not exceed nginx's)
-    "Get": (1.25, True),
-    "Post": (1.0, False),
-    "Connect": (1.1, False),
-}
+MODES = ["Get", "Post", "Connect"]
 TITLES = {
     "Get": "keep-alive GET /metadata, full header set",
     "Post": "keep-alive POST /$process-message 35 KB, dedup, unique ids",
     "Connect": "new TLS 1.3 connection per request (full handshake, RSA-2048)",
 }
-LABELS = ["gateway", "nginx-1w", "nginx-auto"]
+LABELS = ["gateway", "nginx-1w", "nginx-auto", "haproxy"]
+NAMES = {"gateway": "bars-gateway", "nginx-1w": "nginx 1 worker", "nginx-auto": "nginx auto (2)",
+         "haproxy": "haproxy (2 threads)", "direct": "backend directly (plain HTTP)"}
+KEYS = ["rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "errors", "non2xx"]
 
 
 def parse(path):
@@ -58,67 +61,80 @@ def main():
 
     runs = defaultdict(list)  # (mode, label) -> rows
     for r in rows:
-        if r["kind"] == "RESULT" and r.get("mode") in GOALS:
+        if r["kind"] == "RESULT" and r.get("mode") in MODES + ["Rate"]:
             runs[(r["mode"], r["label"])].append(r)
+    labels = [l for l in LABELS if any((m, l) in runs for m in MODES)]
 
+    def medians(mode, label):
+        rs = runs.get((mode, label), [])
+        return {k: statistics.median([num(r.get(k)) for r in rs]) if rs else 0.0 for k in KEYS}
+
+    med = {(m, l): medians(m, l) for m in MODES for l in labels}
     print("### Throughput and latency (median of rounds)\n")
-    print("| test | metric | bars-gateway | nginx 1 worker | gateway / nginx-1w | goal | nginx auto (2) | gateway / nginx-auto |")
-    print("|---|---|---:|---:|---:|---|---:|---:|")
-    verdicts = []
-    for mode, (goal, p99_rule) in GOALS.items():
-        if not any((mode, l) in runs for l in LABELS):
+    print("| test | metric | " + " | ".join(NAMES[l] for l in labels) + " | gateway / nginx-1w | gateway / haproxy |")
+    print("|---|---|" + "---:|" * (len(labels) + 2))
+    rowfmt = {"rps": ("req/s", "{:.0f}"), "p50_ms": ("p50 ms", "{:.2f}"), "p99_ms": ("p99 ms", "{:.2f}"),
+              "server_cpu_us_per_req": ("server CPU µs/req", "{:.0f}")}
+    for mode in MODES:
+        if not any((mode, l) in runs for l in labels):
             continue
-        med = {}
-        for l in LABELS:
-            rs = runs.get((mode, l), [])
-            med[l] = {
-                k: statistics.median([num(r.get(k)) for r in rs]) if rs else 0.0
-                for k in ["rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "errors", "non2xx"]
-            }
-        g, n1, na = med["gateway"], med["nginx-1w"], med["nginx-auto"]
-        ratio = g["rps"] / n1["rps"] if n1["rps"] else 0.0
-        met = ratio >= goal and (not p99_rule or g["p99_ms"] <= n1["p99_ms"])
-        goal_text = f">= {goal}x" + (", p99 <= nginx" if p99_rule else "")
-        verdicts.append((mode, met, ratio, goal, g, n1))
-        title = TITLES[mode]
-        print(f"| {title} | req/s | {g['rps']:.0f} | {n1['rps']:.0f} | **{ratio:.2f}** | {goal_text}: {'met' if met else 'NOT met'} | {na['rps']:.0f} | {fmt_ratio(g['rps'], na['rps'])} |")
-        print(f"| | p50 ms | {g['p50_ms']:.2f} | {n1['p50_ms']:.2f} | {fmt_ratio(g['p50_ms'], n1['p50_ms'])} | | {na['p50_ms']:.2f} | {fmt_ratio(g['p50_ms'], na['p50_ms'])} |")
-        print(f"| | p99 ms | {g['p99_ms']:.2f} | {n1['p99_ms']:.2f} | {fmt_ratio(g['p99_ms'], n1['p99_ms'])} | | {na['p99_ms']:.2f} | {fmt_ratio(g['p99_ms'], na['p99_ms'])} |")
-        print(f"| | server CPU µs/req | {g['server_cpu_us_per_req']:.0f} | {n1['server_cpu_us_per_req']:.0f} | {fmt_ratio(g['server_cpu_us_per_req'], n1['server_cpu_us_per_req'])} | | {na['server_cpu_us_per_req']:.0f} | {fmt_ratio(g['server_cpu_us_per_req'], na['server_cpu_us_per_req'])} |")
-        bad = [l for l in LABELS if med[l]["errors"] or med[l]["non2xx"]]
+        for i, (k, (name, f)) in enumerate(rowfmt.items()):
+            cells = [f.format(med[(mode, l)][k]) for l in labels]
+            g = med[(mode, "gateway")][k]
+            r1 = fmt_ratio(g, med[(mode, "nginx-1w")][k]) if "nginx-1w" in labels else "-"
+            rh = fmt_ratio(g, med[(mode, "haproxy")][k]) if "haproxy" in labels else "-"
+            print(f"| {TITLES[mode] if i == 0 else ''} | {name} | " + " | ".join(cells) + f" | {r1} | {rh} |")
+        bad = [l for l in labels if med[(mode, l)]["errors"] or med[(mode, l)]["non2xx"]]
         if bad:
-            print(f"| | errors / non-2xx | {g['errors']:.0f} / {g['non2xx']:.0f} | {n1['errors']:.0f} / {n1['non2xx']:.0f} | | | {na['errors']:.0f} / {na['non2xx']:.0f} | |")
+            print("| | errors / non-2xx | " + " | ".join(
+                f"{med[(mode, l)]['errors']:.0f} / {med[(mode, l)]['non2xx']:.0f}" for l in labels) + " | | |")
+
+    rate = [r for r in rows if r["kind"] == "RESULT" and r.get("mode") == "Rate"]
+    if rate:
+        rate_labels = ["direct"] + [l for l in LABELS if ("Rate", l) in runs]
+        target = rate[0].get("rate", "?")
+        print(f"\n### Added latency at a fixed {target} req/s (open loop, GET /metadata, median of rounds)\n")
+        print("Each proxy's latency minus the backend's when called directly, same rate, same run. The")
+        print("latency counts from the time each request was due, so queueing behind a stall is included.\n")
+        print("| | achieved req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors / non-2xx |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        base = medians("Rate", "direct")
+        for l in rate_labels:
+            m = medians("Rate", l)
+            added = (f"{m['p50_ms'] - base['p50_ms']:.3f} | {m['p99_ms'] - base['p99_ms']:.3f}"
+                     if l != "direct" else "- | -")
+            print(f"| {NAMES[l]} | {m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {added} | {m['errors']:.0f} / {m['non2xx']:.0f} |")
 
     print("\n### Every round, A/B side by side (req/s, p99 ms)\n")
-    print("| round | test | bars-gateway | nginx 1 worker | ratio | nginx auto | ratio |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| round | test | bars-gateway | nginx 1 worker | ratio | nginx auto | ratio | haproxy | ratio |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     by_round = defaultdict(dict)
     for r in rows:
-        if r["kind"] == "RESULT" and r.get("mode") in GOALS:
+        if r["kind"] == "RESULT" and r.get("mode") in MODES:
             by_round[(int(num(r.get("round"))), r["mode"])][r["label"]] = r
-    for (rnd, mode), d in sorted(by_round.items(), key=lambda kv: (kv[0][0], list(GOALS).index(kv[0][1]))):
+    for (rnd, mode), d in sorted(by_round.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))):
         cell = lambda l: f"{num(d[l]['rps']):.0f} ({num(d[l]['p99_ms']):.2f})" if l in d else "-"
         ratio = lambda l: fmt_ratio(num(d["gateway"]["rps"]), num(d[l]["rps"])) if l in d and "gateway" in d else "-"
-        print(f"| {rnd} | {mode.lower()} | {cell('gateway')} | {cell('nginx-1w')} | {ratio('nginx-1w')} | {cell('nginx-auto')} | {ratio('nginx-auto')} |")
+        print(f"| {rnd} | {mode.lower()} | {cell('gateway')} | {cell('nginx-1w')} | {ratio('nginx-1w')} | {cell('nginx-auto')} | {ratio('nginx-auto')} | {cell('haproxy')} | {ratio('haproxy')} |")
 
     variants = sorted({r["label"] for r in rows if r["kind"] == "RESULT" and r.get("label", "").startswith("gateway-")})
     if variants:
         print("\n### Gateway variants, same run (medians; same config, another build or environment)\n")
         print("| test | server | req/s | p99 ms | server CPU µs/req | req/s vs gateway | CPU vs gateway | req/s vs nginx-1w |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        for mode in GOALS:
+        for mode in MODES:
             base = runs.get((mode, "gateway"), [])
             n1 = runs.get((mode, "nginx-1w"), [])
             if not base:
                 continue
-            med = lambda rs, k: statistics.median([num(r.get(k)) for r in rs]) if rs else 0.0
-            b_rps, b_cpu, n_rps = med(base, "rps"), med(base, "server_cpu_us_per_req"), med(n1, "rps")
-            print(f"| {mode.lower()} | gateway | {b_rps:.0f} | {med(base, 'p99_ms'):.2f} | {b_cpu:.0f} | 1.00 | 1.00 | {fmt_ratio(b_rps, n_rps)} |")
+            vmed = lambda rs, k: statistics.median([num(r.get(k)) for r in rs]) if rs else 0.0
+            b_rps, b_cpu, n_rps = vmed(base, "rps"), vmed(base, "server_cpu_us_per_req"), vmed(n1, "rps")
+            print(f"| {mode.lower()} | gateway | {b_rps:.0f} | {vmed(base, 'p99_ms'):.2f} | {b_cpu:.0f} | 1.00 | 1.00 | {fmt_ratio(b_rps, n_rps)} |")
             for v in variants:
                 rs = runs.get((mode, v), [])
                 if rs:
-                    rps, cpu = med(rs, "rps"), med(rs, "server_cpu_us_per_req")
-                    print(f"| | {v} | {rps:.0f} | {med(rs, 'p99_ms'):.2f} | {cpu:.0f} | {fmt_ratio(rps, b_rps)} | {fmt_ratio(cpu, b_cpu)} | {fmt_ratio(rps, n_rps)} |")
+                    rps, cpu = vmed(rs, "rps"), vmed(rs, "server_cpu_us_per_req")
+                    print(f"| | {v} | {rps:.0f} | {vmed(rs, 'p99_ms'):.2f} | {cpu:.0f} | {fmt_ratio(rps, b_rps)} | {fmt_ratio(cpu, b_cpu)} | {fmt_ratio(rps, n_rps)} |")
 
     busy = [num(r.get("machine_busy_pct")) for r in rows if r["kind"] == "RESULT" and "machine_busy_pct" in r]
     steal = [num(r.get("machine_steal_pct")) for r in rows if r["kind"] == "RESULT" and "machine_steal_pct" in r]
@@ -146,8 +162,8 @@ def main():
 
     HOLD_CONNS_LABEL = "idle TLS connections"
     print("\n### Memory (VmRSS; nginx = master + workers)\n")
-    print("| | bars-gateway | nginx 1 worker | nginx auto (2) |")
-    print("|---|---:|---:|---:|")
+    print("| | " + " | ".join(NAMES[l] for l in LABELS) + " |")
+    print("|---|" + "---:|" * len(LABELS))
     idle = {r["label"]: num(r["rss_kb"]) for r in rows if r["kind"] == "IDLE"}
     after = {r["label"]: num(r["rss_kb"]) for r in rows if r["kind"] == "AFTER"}
     hold = {r["label"]: r for r in rows if r["kind"] == "RESULT" and r.get("mode") == "Hold"}
@@ -164,12 +180,37 @@ def main():
         print("| after the load rounds (gateway: incl. its dedup entries) | " + " | ".join(mb(after.get(l, 0)) for l in LABELS) + " |")
     for v in variants:
         if v in idle:
-            print(f"| idle, after start: {v} | {mb(idle[v])} | | |")
+            print(f"| idle, after start: {v} | {mb(idle[v])} | | | |")
         if v in hold:
             print(f"| {HOLD_CONNS_LABEL} held: {v} | {mb(num(hold[v].get('rss_held_kb')))} "
-                  f"({num(hold[v].get('kb_per_conn')):.1f} kB/conn, {hold[v].get('alive')} alive) | | |")
+                  f"({num(hold[v].get('kb_per_conn')):.1f} kB/conn, {hold[v].get('alive')} alive) | | | |")
+    # The verdict per goal of issue 18, from the medians above.
+    print("\n### Goals (issue 18), this run\n")
+    print("| goal | measured | verdict |")
+    print("|---|---|---|")
+    verdict = lambda ok: "met" if ok else "**NOT met**"
+    if ("Get", "gateway") in med and "nginx-1w" in labels:
+        G, N, H = med[("Get", "gateway")], med[("Get", "nginx-1w")], med.get(("Get", "haproxy"))
+        if H:
+            print(f"| GET req/s >= haproxy's | {G['rps']:.0f} vs {H['rps']:.0f}: {fmt_ratio(G['rps'], H['rps'])}x | {verdict(G['rps'] >= H['rps'])} |")
+        print(f"| GET CPU/req <= nginx-1w's | {G['server_cpu_us_per_req']:.0f} vs {N['server_cpu_us_per_req']:.0f} µs: {fmt_ratio(G['server_cpu_us_per_req'], N['server_cpu_us_per_req'])}x | {verdict(G['server_cpu_us_per_req'] <= N['server_cpu_us_per_req'])} |")
+        print(f"| GET p99 <= nginx-1w's | {G['p99_ms']:.2f} vs {N['p99_ms']:.2f} ms: {fmt_ratio(G['p99_ms'], N['p99_ms'])}x | {verdict(G['p99_ms'] <= N['p99_ms'])} |")
+    if ("Post", "gateway") in med and "nginx-1w" in labels:
+        G, N = med[("Post", "gateway")], med[("Post", "nginx-1w")]
+        print(f"| POST 35 KB dedup req/s >= 1.0x nginx-1w | {G['rps']:.0f} vs {N['rps']:.0f}: {fmt_ratio(G['rps'], N['rps'])}x | {verdict(G['rps'] >= N['rps'])} |")
+        print(f"| POST CPU/req <= 1.2x nginx-1w's | {G['server_cpu_us_per_req']:.0f} vs {N['server_cpu_us_per_req']:.0f} µs: {fmt_ratio(G['server_cpu_us_per_req'], N['server_cpu_us_per_req'])}x | {verdict(G['server_cpu_us_per_req'] <= 1.2 * N['server_cpu_us_per_req'])} |")
+    if ("Connect", "gateway") in med:
+        G = med[("Connect", "gateway")]
+        peers = [l for l in labels if l != "gateway"]
+        best = max(peers, key=lambda l: med[("Connect", l)]["rps"]) if peers else None
+        if best:
+            B = med[("Connect", best)]
+            print(f"| handshakes/s ahead of every peer | {G['rps']:.0f} vs {best} {B['rps']:.0f}: {fmt_ratio(G['rps'], B['rps'])}x | {verdict(G['rps'] >= B['rps'])} |")
+    if "gateway" in hold and "nginx-1w" in hold:
+        gk, nk = num(hold["gateway"].get("kb_per_conn")), num(hold["nginx-1w"].get("kb_per_conn"))
+        print(f"| memory per idle TLS connection <= nginx-1w's | {gk:.1f} vs {nk:.1f} kB: {fmt_ratio(gk, nk)}x | {verdict(gk <= nk)} |")
     g_idle = idle.get("gateway", 0) / 1024
-    print(f"\nIdle RSS goal (<= 13 MB): bars-gateway {g_idle:.1f} MB: {'met' if g_idle <= 13 else 'NOT met'}.")
+    print(f"| idle RSS <= 13 MB | {g_idle:.1f} MB | {verdict(g_idle <= 13)} |")
 
     dm = [r for r in rows if r["kind"] == "RESULT" and "bytes_per_entry" in r]
     if dm:
@@ -195,9 +236,10 @@ def main():
     with open(sys.argv[1]) as f:
         metrics = [l.split(None, 1)[1] for l in f if l.startswith("METRICS ") and len(l.split(None, 1)) > 1]
     if metrics:
-        print("\nGateway counters after the run (a sanity check that dedup saw first sights only):\n")
+        print("\nGateway counters after the run, the non-zero ones (a sanity check that dedup saw first sights only):\n")
         print("```")
-        print(metrics[0].strip().replace(" bars_", "\nbars_"))
+        lines = metrics[0].strip().replace(" bars_", "\nbars_").splitlines()
+        print("\n".join(l for l in lines if not l.endswith(" 0")))
         print("```")
 
 if __name__ == "__main__":
