@@ -446,7 +446,12 @@ async fn keepalive_worker(ctx: Arc<Ctx>, index: usize) -> WorkerStats {
 /// Open loop: one keep-alive connection, requests sent on their schedule (`first`, then every
 /// `interval`); each latency counts from the time the request was due, so a request that waits
 /// for a slow predecessor is charged for the wait.
-async fn rate_worker(ctx: Arc<Ctx>, index: usize, first: Instant, interval: Duration) -> WorkerStats {
+async fn rate_worker(
+    ctx: Arc<Ctx>,
+    index: usize,
+    first: Instant,
+    interval: Duration,
+) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut ids = IdGen::new(index);
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
