@@ -2,8 +2,8 @@
 //! Each step is one call into the module that owns it; this file is the order, not the rules.
 //!
 //! ```text
-//! connection: accept (max_connections) ─► admission (PROXY, IP allowlist) ─► TLS-MA handshake
-//!             ─► HTTP/1.1 or h2
+//! connection: accept (max_connections) ─► shard (the least loaded core) ─► admission (PROXY,
+//!             IP allowlist) ─► TLS-MA handshake ─► HTTP/1.1 or h2
 //! request:    framing (CL + TE) ─► ids ─► header size ─► route ─► identity headers ─► Accept
 //!             ─► upstream choice ─► body ─┬─ read methods, streamed ───────► forward ─► response
 //!                                         └─ dedup methods, buffered ─► dedup: forward once
@@ -44,6 +44,7 @@ use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
 use crate::metrics::{Metrics, StatusLabel};
 use crate::rejection::RejectionReason;
+use crate::shards::Shards;
 use crate::tls::{self, LoadedTls};
 use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 
@@ -92,9 +93,9 @@ pub struct Shared {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Keeps refused-address logs to one line per address per minute.
-    pub refusal_log: RefusalLogLimiter,
+    pub refusal_log: Arc<RefusalLogLimiter>,
     /// Counts identity header warnings and logs one a minute.
-    pub identity_warnings: WarningReporter,
+    pub identity_warnings: Arc<WarningReporter>,
     /// `[[upstream.route]]` entries exist: the gateway needs NHSD-Target-Identifier's value.
     pub routes_by_target: bool,
     /// Whether to write one audit record per request.
@@ -104,6 +105,30 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The same state with another upstream pool: what one shard serves with (`shards`).
+    pub(crate) fn with_upstreams(
+        &self,
+        upstreams: Arc<Upstreams>,
+        delivery: Arc<Deliverer>,
+    ) -> Shared {
+        Shared {
+            live: self.live.clone(),
+            routes: self.routes.clone(),
+            upstreams,
+            delivery,
+            bars: self.bars.clone(),
+            dedup: self.dedup.clone(),
+            dedup_settings: self.dedup_settings.clone(),
+            listen: self.listen.clone(),
+            metrics: self.metrics.clone(),
+            refusal_log: self.refusal_log.clone(),
+            identity_warnings: self.identity_warnings.clone(),
+            routes_by_target: self.routes_by_target,
+            audit: self.audit,
+            http: self.http.clone(),
+        }
+    }
+
     /// Builds the HTTP/1.1 + h2 server settings from `[listen]`.
     pub fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -138,11 +163,13 @@ struct Connection {
 }
 
 /// Accepts connections until `shutdown` resolves, then closes the listener. A connection over
-/// `listen.max_connections` is counted and closed at once; each other one is served in its own
-/// task by [`serve_connection`], holding a clone of `alive` until it ends (the caller waits for
-/// every clone to drop while draining). `drain` turns true when the gateway drains.
-pub async fn accept(
+/// `listen.max_connections` is counted and closed at once; each other one is handed to the least
+/// loaded shard and served there by [`serve_connection`], holding a clone of `alive` until it
+/// ends (the caller waits for every clone to drop while draining). `drain` turns true when the
+/// gateway drains.
+pub(crate) async fn accept(
     shared: Arc<Shared>,
+    shards: &Shards,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     drain: watch::Receiver<bool>,
@@ -172,13 +199,11 @@ pub async fn accept(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let drain = drain.clone();
+        let metrics = shared.metrics.clone();
         let alive = alive.clone();
-        tokio::spawn(async move {
-            shared.metrics.connections_open.inc();
-            serve_connection(shared.clone(), stream, peer, drain).await;
-            shared.metrics.connections_open.dec();
+        metrics.connections_open.inc();
+        shards.serve(stream, peer, drain.clone(), move || {
+            metrics.connections_open.dec();
             drop(permit);
             drop(alive);
         });

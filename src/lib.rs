@@ -25,6 +25,7 @@ pub mod logging;
 pub mod metrics;
 pub mod rejection;
 pub mod reload;
+mod shards;
 pub mod tls;
 pub mod upstream;
 
@@ -72,6 +73,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The connection threads (one runtime per core) could not start.
+    #[error("cannot start the connection threads: {0}")]
+    Shards(std::io::Error),
 }
 
 /// A bound, ready-to-serve gateway.
@@ -79,6 +83,7 @@ pub struct Gateway {
     settings: Settings,
     shared: Arc<Shared>,
     listener: TcpListener,
+    shards: shards::Shards,
     admin: Option<TcpListener>,
     registry: Arc<Registry>,
     readiness: Arc<admin::Readiness>,
@@ -136,18 +141,24 @@ impl Gateway {
             None => None,
         };
         let dedup = Arc::new(dedup);
-        let upstreams = Arc::new(upstream::Upstreams::new(
-            &settings.upstream,
-            Some(metrics.clone()),
-        ));
-        let delivery = Arc::new(dedup::once::Deliverer {
-            store: dedup.clone(),
-            upstreams: upstreams.clone(),
-            metrics: metrics.clone(),
-            on_store_error: settings.dedup.on_store_error,
-            max_replay_bytes: settings.dedup.max_replay_bytes,
-            completion_timeout: settings.upstream.completion_timeout,
-        });
+        // An upstream pool and the delivery that uses it: one for the main runtime (readiness
+        // probe, startup facts) and one per shard.
+        let pool = || {
+            let upstreams = Arc::new(upstream::Upstreams::new(
+                &settings.upstream,
+                Some(metrics.clone()),
+            ));
+            let delivery = Arc::new(dedup::once::Deliverer {
+                store: dedup.clone(),
+                upstreams: upstreams.clone(),
+                metrics: metrics.clone(),
+                on_store_error: settings.dedup.on_store_error,
+                max_replay_bytes: settings.dedup.max_replay_bytes,
+                completion_timeout: settings.upstream.completion_timeout,
+            });
+            (upstreams, delivery)
+        };
+        let (upstreams, delivery) = pool();
         let shared = Arc::new(Shared {
             live: Arc::new(ArcSwap::from_pointee(LiveState::build(&settings, loaded))),
             routes: bars::routes::RouteTable::new(
@@ -158,16 +169,23 @@ impl Gateway {
             upstreams,
             delivery,
             bars: settings.bars.clone(),
-            dedup,
+            dedup: dedup.clone(),
             dedup_settings: settings.dedup.clone(),
             listen: settings.listen.clone(),
-            metrics,
-            refusal_log: RefusalLogLimiter::new(Duration::from_secs(60), 10_000),
-            identity_warnings: bars::warnings::WarningReporter::new(Duration::from_secs(60)),
+            metrics: metrics.clone(),
+            refusal_log: Arc::new(RefusalLogLimiter::new(Duration::from_secs(60), 10_000)),
+            identity_warnings: Arc::new(bars::warnings::WarningReporter::new(Duration::from_secs(
+                60,
+            ))),
             routes_by_target: !settings.upstream.routes.is_empty(),
             audit: settings.log.audit,
             http: Shared::http_builder(&settings.listen),
         });
+        let shards = shards::Shards::start(shards::default_count(), |_| {
+            let (upstreams, delivery) = pool();
+            Arc::new(shared.with_upstreams(upstreams, delivery))
+        })
+        .map_err(StartError::Shards)?;
         let egress = match &settings.egress {
             Some(e) => Some(
                 egress::Egress::bind(
@@ -193,6 +211,7 @@ impl Gateway {
             file_watch,
             shared,
             listener,
+            shards,
             admin,
             registry: Arc::new(registry),
             readiness,
@@ -235,6 +254,7 @@ impl Gateway {
             settings,
             shared,
             listener,
+            shards,
             admin,
             registry,
             readiness,
@@ -295,7 +315,7 @@ impl Gateway {
             nearest_certificate = %startup.nearest_certificate,
             "bars-gateway listening"
         );
-        gateway::accept(shared, listener, shutdown, drain_rx, alive_tx).await;
+        gateway::accept(shared, &shards, listener, shutdown, drain_rx, alive_tx).await;
         // accept() has closed the listener, so that once "draining" is logged no connection can
         // get in.
         tracing::info!(grace = ?settings.listen.shutdown_grace, "draining: no new connections, finishing requests in flight");
@@ -311,6 +331,8 @@ impl Gateway {
             // The egress listener drains on the same signal, within its own grace.
             let _ = egress.await;
         }
+        // Every connection has ended or the grace has run out: stop the connection threads.
+        drop(shards);
         tracing::info!("bars-gateway stopped");
     }
 }
