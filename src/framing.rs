@@ -86,6 +86,14 @@ impl Tracker {
                             return;
                         }
                     }
+                    if self.line.is_empty() {
+                        // The usual case: the whole head arrived in one read. Read it in place.
+                        if let Some(end) = head_end(bytes, 0) {
+                            self.state = self.after_head(&bytes[..end]);
+                            bytes = &bytes[end..];
+                            continue;
+                        }
+                    }
                     let before = self.line.len();
                     self.line.extend_from_slice(bytes);
                     let Some(end) = head_end(&self.line, before.saturating_sub(3)) else {
@@ -123,7 +131,7 @@ impl Tracker {
                     };
                 }
                 State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
+                    let Some(nl) = memchr::memchr(b'\n', bytes) else {
                         self.line.extend_from_slice(bytes);
                         if self.line.len() > MAX_HEAD {
                             self.state = State::Lost;
@@ -156,17 +164,23 @@ impl Tracker {
         let mut lengths = 0;
         let mut transfer_encoding = None;
         for line in head.split(|b| *b == b'\n').skip(1) {
-            let Some(colon) = line.iter().position(|b| *b == b':') else {
+            // Only the two framing headers matter: look at a line's name by its length first,
+            // and decode a value only for them.
+            let Some(colon) = memchr::memchr(b':', line) else {
                 continue;
             };
             let name = &line[..colon];
-            let value = String::from_utf8_lossy(&line[colon + 1..]);
-            let value = value.trim();
+            if name.len() != b"content-length".len() && name.len() != b"transfer-encoding".len() {
+                continue;
+            }
+            let value = line[colon + 1..].trim_ascii();
             if name.eq_ignore_ascii_case(b"content-length") {
                 lengths += 1;
-                content_length = value.parse::<u64>().ok();
+                content_length = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                transfer_encoding = Some(value.to_ascii_lowercase());
+                transfer_encoding = Some(String::from_utf8_lossy(value).to_ascii_lowercase());
             }
         }
         let both = lengths > 0 && transfer_encoding.is_some();
@@ -186,17 +200,18 @@ impl Tracker {
     }
 }
 
-/// Where the head in `buf` ends (after its blank line), searching from `from`.
+/// Where the head in `buf` ends (after its blank line: CRLF CRLF, or bare LF LF as hyper also
+/// accepts), searching from `from`. Searches line ends, not every byte.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    (from..buf.len()).find_map(|i| {
-        if buf[i..].starts_with(b"\r\n\r\n") {
-            Some(i + 4)
-        } else if buf[i..].starts_with(b"\n\n") {
-            Some(i + 2)
-        } else {
-            None
+    let from = from.min(buf.len());
+    for nl in memchr::memchr_iter(b'\n', &buf[from..]).map(|i| from + i) {
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            _ => {}
         }
-    })
+    }
+    None
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {
@@ -269,6 +284,28 @@ mod tests {
             vec![false, false],
             "the POST and the GET; the body is no head"
         );
+    }
+
+    #[test]
+    fn heads_ended_by_bare_or_mixed_line_ends_are_found_whatever_the_read_sizes() {
+        // Bare LF throughout, and a CRLF blank line after a bare-LF header line.
+        let bare = b"POST /a HTTP/1.1\nContent-Length: 2\nTransfer-Encoding: chunked\n\n0\r\n\r\n";
+        let mixed = b"GET /m HTTP/1.1\nHost: x\n\r\nGET /n HTTP/1.1\r\nHost: x\r\n\r\n";
+        for piece in [1, 2, 3, 4096] {
+            assert_eq!(
+                flags_of(bare, piece),
+                vec![true],
+                "bare LF, {piece} at a time"
+            );
+            assert_eq!(
+                flags_of(mixed, piece),
+                vec![false, false],
+                "mixed, {piece} at a time"
+            );
+        }
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest", 0), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest", 0), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n", 0), None);
     }
 
     #[test]
