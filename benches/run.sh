@@ -21,7 +21,9 @@
 #   mimalloc:LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2" (Debian libmimalloc2.0);
 #   GATEWAY_BIN=path among the VARs runs another build instead (e.g. `--features mimalloc`)
 #   AUDIT=0 (1: audit records on, written to /dev/null) PROFILE=0 (1: perf record the gateway
-#   during one extra run of each mode; needs `perf`) OUT=target/bench-results/<time>
+#   during one extra run of each mode; needs `perf`) PROFILE_MODES="get post connect"
+#   PERF_ARGS="-F 999 -e cpu-clock" (e.g. add "--call-graph dwarf" to see who calls what)
+#   OUT=target/bench-results/<time>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -477,9 +479,10 @@ echo "METRICS $(grep -E '^bars_gateway_(dedup_total|requests_total|rejections_to
 # ---------------------------------------------------------------------------------------------
 # 8. Optional: where the gateway's CPU goes (flat profile, symbols from the release binary).
 if [ "$PROFILE" = 1 ] && command -v perf >/dev/null 2>&1; then
-    for mode in get post connect; do
+    for mode in ${PROFILE_MODES:-get post connect}; do
         log "profile: perf record the gateway during $mode"
-        perf record -F 999 -e cpu-clock -p "$GW_PID" -o "$OUT/perf-$mode.data" -- sleep "$((ROUND_SECS + WARMUP))" \
+        # shellcheck disable=SC2086 # PERF_ARGS is a list of options
+        perf record ${PERF_ARGS:--F 999 -e cpu-clock} -p "$GW_PID" -o "$OUT/perf-$mode.data" -- sleep "$((ROUND_SECS + WARMUP))" \
             >"$OUT/perf-$mode.log" 2>&1 &
         PERF_PID=$!
         loadgen gateway "$GW_PORT" "$GW_PIDS" "$mode" "$(conc_of "$mode")" --duration "$ROUND_SECS" --warmup "$WARMUP" \
