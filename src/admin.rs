@@ -7,6 +7,7 @@
 //! 127.0.0.1:8080", "dedup_store": "ok"}`), and each check going bad or recovering is logged once.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,13 @@ use tokio::sync::watch;
 use crate::dedup::DedupStore;
 use crate::metrics::Metrics;
 use crate::tls::inspect::unix_now;
+
+/// `[admin]`: the plain-HTTP health and metrics listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// Address to bind; `None` disables the admin listener.
+    pub address: Option<SocketAddr>,
+}
 
 /// How often the upstreams are probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);

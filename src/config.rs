@@ -1,5 +1,10 @@
 //! Configuration: TOML with unknown keys refused, turned in one step into validated settings, one
-//! struct per module (`ListenSettings`, `TlsSettings`, ...). Every error names the file and the key.
+//! struct per section, each defined by the module that uses it (`tls::TlsSettings`,
+//! `admission::ClientSettings`, `upstream::UpstreamSettings`, `bars::BarsSettings`,
+//! `dedup::DedupSettings`, `admin::AdminSettings`, `logging::LogSettings`,
+//! `egress::settings::EgressSettings`; `[listen]`, read by the gateway's accept loop, stays here)
+//! and re-exported here. This file reads the TOML into them (`values.rs`: durations, sizes and the
+//! key an error is about) and validates them. Every error names the file and the key.
 //!
 //! Relative paths are resolved against the directory of the config file, so a config and its
 //! certificates can move together.
@@ -19,17 +24,21 @@ use crate::bars::identity::TargetIdentifier;
 mod values;
 pub(crate) use values::{ByteSize, HumanDuration};
 
+// Each section's settings type lives in the module that uses it; re-exported here, where the
+// TOML is read into them.
+pub use crate::admin::AdminSettings;
+pub use crate::admission::{
+    ClientSettings, Environment, INT_PROXY_IPS, INT_PROXY_SUBJECT, PROD_PROXY_IPS,
+    PROD_PROXY_SUBJECT,
+};
+pub use crate::bars::BarsSettings;
+pub use crate::dedup::{DedupBackend, DedupSettings, OnStoreError};
+pub use crate::logging::{LogFormat, LogSettings};
+pub use crate::tls::{parse_pin, Pin, ServerIdentitySource, TlsSettings, TlsVersion};
+pub use crate::upstream::{UpstreamSettings, UpstreamUrl};
+
 /// The default config path (DESIGN.md §2).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bars-gateway/config.toml";
-
-/// The BaRS API proxy's source addresses in INT (BaRS IG, Deploy: firewall exceptions).
-pub const INT_PROXY_IPS: [&str; 2] = ["35.197.254.55/32", "35.246.55.143/32"];
-/// The BaRS API proxy's source addresses in PROD.
-pub const PROD_PROXY_IPS: [&str; 2] = ["34.89.0.111/32", "34.89.69.6/32"];
-/// The CN of the client certificate the BaRS proxy presents in INT.
-pub const INT_PROXY_SUBJECT: &str = "int.api.service.nhs.uk";
-/// The CN of the client certificate the BaRS proxy presents in PROD.
-pub const PROD_PROXY_SUBJECT: &str = "bars-proxy.spineservices.nhs.uk";
 
 /// A configuration problem, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -85,205 +94,6 @@ pub struct ListenSettings {
     pub max_header_bytes: usize,
     /// On SIGTERM, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
-}
-
-/// Where the server certificate and key come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerIdentitySource {
-    /// PEM chain (leaf first) and a PEM key (PKCS#8 plain or encrypted, PKCS#1, SEC1).
-    Pem {
-        /// `tls.certificate`.
-        certificate: PathBuf,
-        /// `tls.private_key`.
-        private_key: PathBuf,
-        /// `tls.private_key_password_file`, if set.
-        password_file: Option<PathBuf>,
-    },
-    /// A PKCS#12 (`.pfx`) bundle.
-    Pkcs12 {
-        /// `tls.pkcs12`.
-        path: PathBuf,
-        /// `tls.pkcs12_password_file`, if set.
-        password_file: Option<PathBuf>,
-    },
-}
-
-/// Lowest TLS version offered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum TlsVersion {
-    /// TLS 1.2 and 1.3.
-    #[serde(rename = "1.2")]
-    Tls12,
-    /// TLS 1.3 only.
-    #[serde(rename = "1.3")]
-    Tls13,
-}
-
-/// `[tls]`: the server identity and what client certificates are trusted.
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    /// The server certificate and key.
-    pub identity: ServerIdentitySource,
-    /// Trusted client CAs (roots and sub-CAs).
-    pub client_ca: Vec<PathBuf>,
-    /// CRLs (PEM or DER).
-    pub client_crl: Vec<PathBuf>,
-    /// Lowest TLS version.
-    pub min_version: TlsVersion,
-    /// Polling fallback for reloads.
-    pub reload_interval: Duration,
-}
-
-/// A pinned client leaf certificate fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pin {
-    /// SHA-256 of the DER certificate.
-    Sha256([u8; 32]),
-    /// SHA-1 of the DER certificate (the "thumbprint" the NHS guide publishes).
-    Sha1([u8; 20]),
-}
-
-/// Which BaRS environment's presets apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Environment {
-    /// Path to Live integration: the INT proxy addresses and CN.
-    Int,
-    /// Production: the PROD proxy addresses and CN.
-    Prod,
-    /// No presets: `allowed_ips` and `allowed_subjects` must be given.
-    Custom,
-}
-
-/// `[client]`: who may connect.
-#[derive(Debug, Clone)]
-pub struct ClientSettings {
-    /// The preset in force.
-    pub environment: Environment,
-    /// Source addresses allowed (after PROXY protocol, if any).
-    pub allowed_ips: Vec<IpNet>,
-    /// Allowed client certificate CNs or DNS SANs, lower-cased.
-    pub allowed_subjects: Vec<String>,
-    /// Allowed client leaf fingerprints; empty = no pinning.
-    pub pinned_fingerprints: Vec<Pin>,
-}
-
-/// One upstream (legacy receiver) base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    /// The URL as configured.
-    pub uri: Uri,
-    /// `host:port` for connecting and for the `Host` header.
-    pub authority: String,
-    /// The base path, without a trailing slash ("" for the root).
-    pub base_path: String,
-}
-
-/// `[upstream]`: where clean requests go.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamSettings {
-    /// The default legacy receiver; `None` when only routes serve.
-    pub url: Option<UpstreamUrl>,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// The sender's whole wait, from the request head to the response head (the BaRS 5 s limit by
-    /// default): past it the sender gets 408 REC_TIMEOUT.
-    pub request_timeout: Duration,
-    /// How long a deduplicated request's exchange with the legacy system goes on after the sender
-    /// was answered 408, so that its late answer is still recorded (DESIGN.md §5).
-    pub completion_timeout: Duration,
-    /// Largest response header section accepted from the legacy system.
-    pub max_response_header_bytes: usize,
-    /// Largest request body forwarded.
-    pub max_body: u64,
-    /// Request headers never forwarded.
-    pub strip_headers: Vec<HeaderName>,
-    /// Routes by NHSD-Target-Identifier.
-    pub routes: Vec<(TargetIdentifier, UpstreamUrl)>,
-}
-
-/// `[bars]`: BaRS request rules.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BarsSettings {
-    /// Path prefix of the base URL registered with BaRS ("" or like "/bars/FHIR/R4").
-    pub base_path: String,
-    /// Strict mode (DESIGN.md §5a): NHSD-Target-Identifier required except on /metadata,
-    /// Organisation and Software except on /metadata and /MessageDefinition, and every identity
-    /// header shape rule enforced. Off by default (the IG: "optional for the sender").
-    pub require_identity_headers: bool,
-    /// Accept header major versions served.
-    pub accepted_major_versions: Vec<u64>,
-    /// Whether the BaRS receiver endpoints are served.
-    pub bars_endpoints: bool,
-    /// Extra allowed path prefixes.
-    pub extra_prefixes: Vec<String>,
-}
-
-/// Which dedup store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DedupBackend {
-    /// In-process bounded store (one replica; lost on restart).
-    Memory,
-    /// Shared Redis (several replicas behave as one; survives restarts).
-    Redis {
-        /// `redis://host:port/db` or `unix:///path/to/socket`.
-        url: String,
-    },
-}
-
-/// What to do when the dedup store cannot be consulted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnStoreError {
-    /// 503 REC_SERVICE_UNAVAILABLE: the sender retries later (no risk of double delivery).
-    Reject,
-    /// Forward without dedup, logging loudly (availability over exactly-once).
-    Allow,
-}
-
-/// `[dedup]`: retry deduplication by X-Request-Id (DESIGN.md §5).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DedupSettings {
-    /// The store.
-    pub backend: DedupBackend,
-    /// How long a processed request id is remembered.
-    pub ttl: Duration,
-    /// Memory store: most entries kept (older are evicted first).
-    pub max_entries: u64,
-    /// Methods deduplicated.
-    pub methods: Vec<http::Method>,
-    /// Store failure policy.
-    pub on_store_error: OnStoreError,
-    /// Largest answer body kept to replay a deterministic 4xx (and to find a 2xx's reference).
-    pub max_replay_bytes: usize,
-}
-
-/// `[admin]`: the plain-HTTP health and metrics listener.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdminSettings {
-    /// Address to bind; `None` disables the admin listener.
-    pub address: Option<SocketAddr>,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogSettings {
-    /// Level or `tracing` filter directive, e.g. `info` or `info,bars_gateway=debug`.
-    pub level: String,
-    /// Output format.
-    pub format: LogFormat,
-    /// One audit record per request.
-    pub audit: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,20 +843,6 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
-}
-
-/// Parses a hex fingerprint (colons and case ignored) as SHA-256 or SHA-1.
-pub fn parse_pin(text: &str) -> Option<Pin> {
-    let clean: String = text
-        .chars()
-        .filter(|c| *c != ':' && !c.is_whitespace())
-        .collect();
-    let bytes = hex::decode(clean).ok()?;
-    match bytes.len() {
-        32 => Some(Pin::Sha256(bytes.try_into().ok()?)),
-        20 => Some(Pin::Sha1(bytes.try_into().ok()?)),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,28 @@ use std::io::{IsTerminal as _, Write};
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::{LogFormat, LogSettings};
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    /// Level or `tracing` filter directive, e.g. `info` or `info,bars_gateway=debug`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+    /// One audit record per request.
+    pub audit: bool,
+}
 
 /// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
 pub fn init(log: &LogSettings) {

@@ -16,6 +16,9 @@ pub mod memory;
 pub mod once;
 pub mod redis;
 pub mod reference;
+mod settings;
+
+pub use settings::{DedupBackend, DedupSettings, OnStoreError};
 
 use std::time::Duration;
 
@@ -29,7 +32,6 @@ use crate::bars::headers::{
     REQUESTING_SOFTWARE_KEY, TARGET_IDENTIFIER_KEY,
 };
 use crate::bars::ids::RequestId;
-use crate::config::{DedupBackend, DedupSettings};
 
 /// SHA-256 over everything that makes two requests "the same message" (DESIGN.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
