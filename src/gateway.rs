@@ -72,7 +72,7 @@ impl LiveState {
 }
 
 /// Everything connection and request handling reads; built once at start.
-pub struct Shared {
+pub(crate) struct Shared {
     /// Reloadable state; each handshake reads the current one (the reloader swaps it).
     pub live: Arc<ArcSwap<LiveState>>,
     /// The approved paths.
@@ -105,7 +105,7 @@ pub struct Shared {
 
 impl Shared {
     /// Builds the HTTP/1.1 + h2 server settings from `[listen]`.
-    pub fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
+    pub(crate) fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -141,7 +141,7 @@ struct Connection {
 /// `listen.max_connections` is counted and closed at once; each other one is served in its own
 /// task by [`serve_connection`], holding a clone of `alive` until it ends (the caller waits for
 /// every clone to drop while draining). `drain` turns true when the gateway drains.
-pub async fn accept(
+pub(crate) async fn accept(
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -187,7 +187,7 @@ pub async fn accept(
 }
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the gateway drains.
-pub async fn serve_connection(
+pub(crate) async fn serve_connection(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,

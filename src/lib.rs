@@ -6,22 +6,23 @@
 //! [`gateway`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![deny(unreachable_pub)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod admission;
-pub mod audit;
+pub(crate) mod audit;
 pub mod bars;
 pub mod check;
 pub mod config;
 pub mod dedup;
 pub mod demo;
 mod drain;
-pub mod egress;
-pub mod framing;
-pub mod gateway;
-pub mod idle;
+pub(crate) mod egress;
+pub(crate) mod framing;
+pub(crate) mod gateway;
+pub(crate) mod idle;
 pub mod keygen;
-pub mod logging;
+pub(crate) mod logging;
 pub mod metrics;
 pub mod rejection;
 pub mod reload;

@@ -13,21 +13,21 @@ use crate::admission::parse_cidr;
 use crate::config::{ByteSize, ConfigError, HumanDuration, Validator};
 
 /// The BaRS API base URL in INT (BARS-CONTEXT.md "The sender side").
-pub const INT_API_BASE: &str = "https://int.api.service.nhs.uk/booking-and-referral/FHIR/R4";
+pub(crate) const INT_API_BASE: &str = "https://int.api.service.nhs.uk/booking-and-referral/FHIR/R4";
 /// The NHS API platform's OAuth 2.0 token endpoint in INT.
-pub const INT_TOKEN_URL: &str = "https://int.api.service.nhs.uk/oauth2/token";
+pub(crate) const INT_TOKEN_URL: &str = "https://int.api.service.nhs.uk/oauth2/token";
 /// The BaRS API base URL in PROD.
-pub const PROD_API_BASE: &str = "https://api.service.nhs.uk/booking-and-referral/FHIR/R4";
+pub(crate) const PROD_API_BASE: &str = "https://api.service.nhs.uk/booking-and-referral/FHIR/R4";
 /// The token endpoint in PROD.
-pub const PROD_TOKEN_URL: &str = "https://api.service.nhs.uk/oauth2/token";
+pub(crate) const PROD_TOKEN_URL: &str = "https://api.service.nhs.uk/oauth2/token";
 /// The BaRS sandbox: open, no token.
-pub const SANDBOX_API_BASE: &str =
+pub(crate) const SANDBOX_API_BASE: &str =
     "https://sandbox.api.service.nhs.uk/booking-and-referral/FHIR/R4";
 
 /// The systemd credential looked up in `$CREDENTIALS_DIRECTORY` when `api_key_file` is not set.
-pub const API_KEY_CREDENTIAL: &str = "api-key";
+pub(crate) const API_KEY_CREDENTIAL: &str = "api-key";
 /// The systemd credential holding the password of an encrypted `signing_key`.
-pub const SIGNING_KEY_PASSWORD_CREDENTIAL: &str = "egress-key-password";
+pub(crate) const SIGNING_KEY_PASSWORD_CREDENTIAL: &str = "egress-key-password";
 
 /// Which NHS API platform environment the presets point at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -111,7 +111,7 @@ pub struct EgressSettings {
 /// The raw `[egress]` table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEgress {
+pub(crate) struct RawEgress {
     address: Option<String>,
     allowed_ips: Option<Vec<String>>,
     environment: Option<EgressEnvironment>,
