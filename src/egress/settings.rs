@@ -44,7 +44,7 @@ pub enum EgressEnvironment {
 }
 
 /// How the gateway authenticates to the BaRS API.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SignedJwtSettings {
     /// The OAuth 2.0 token endpoint (also the JWT's `aud`).
     pub token_url: Uri,
@@ -59,7 +59,7 @@ pub struct SignedJwtSettings {
 }
 
 /// The retry rules of BaRS senders (BARS-CONTEXT.md "Retries"), bounded.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetrySettings {
     /// Most attempts per request, the first included.
     pub max_attempts: u32,
@@ -74,7 +74,7 @@ pub struct RetrySettings {
 }
 
 /// `[egress]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EgressSettings {
     /// The plain-HTTP listener for the legacy system.
     pub address: SocketAddr,
