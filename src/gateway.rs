@@ -29,47 +29,28 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
+use crate::admission::{self, RefusalLogLimiter};
 use crate::audit::{AuditRecord, Peer};
 use crate::bars::headers::{CORRELATION_ID_KEY, REQUEST_ID_KEY};
 use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
 use crate::bars::warnings::WarningReporter;
 use crate::bars::{self, render, Refusal};
-use crate::config::{BarsSettings, DedupSettings, ListenSettings, Settings};
+use crate::config::{BarsSettings, DedupSettings, ListenSettings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
 use crate::drain::drained;
 use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
+use crate::live::LiveState;
 use crate::metrics::{Metrics, StatusLabel};
 use crate::rejection::RejectionReason;
-use crate::tls::{self, LoadedTls};
+use crate::tls;
 use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 
 /// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
 /// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
 const HEADER_SLACK: usize = 16 * 1024;
-
-/// What a reload replaces: TLS material and the admission lists, swapped atomically.
-#[derive(Debug)]
-pub struct LiveState {
-    /// The TLS configuration handshakes use.
-    pub tls: LoadedTls,
-    /// The admission policy connections are checked against.
-    pub admission: AdmissionPolicy,
-}
-
-impl LiveState {
-    /// The live state for `settings`, with TLS material loaded from them (how the reloader builds
-    /// the state it swaps in, and how start builds the first one).
-    pub fn build(settings: &Settings, tls: LoadedTls) -> LiveState {
-        LiveState {
-            tls,
-            admission: AdmissionPolicy::from_settings(&settings.client, &settings.listen),
-        }
-    }
-}
 
 /// Everything connection and request handling reads; built once at start.
 pub(crate) struct Shared {

@@ -22,6 +22,7 @@ pub(crate) mod framing;
 pub(crate) mod gateway;
 pub(crate) mod idle;
 pub mod keygen;
+pub(crate) mod live;
 pub(crate) mod logging;
 pub mod metrics;
 pub mod rejection;
@@ -43,7 +44,8 @@ pub(crate) use drain::drained;
 
 use admission::RefusalLogLimiter;
 use config::{LogSettings, Settings};
-use gateway::{LiveState, Shared};
+use gateway::Shared;
+use live::LiveState;
 use metrics::Metrics;
 pub use reload::Reloader;
 use tls::material::MaterialError;

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Settings};
-use crate::gateway::LiveState;
+use crate::live::LiveState;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::tls::{self, LoadedTls};
 
