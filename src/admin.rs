@@ -210,18 +210,14 @@ pub(crate) async fn serve(
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = crate::drained(&mut shutdown) => return,
-        };
+    while let Some((stream, _)) = crate::drain::accept_until_drained(
+        &listener,
+        &mut shutdown,
+        "admin accept failed",
+        Duration::from_millis(100),
+    )
+    .await
+    {
         let registry = registry.clone();
         let readiness = readiness.clone();
         tokio::spawn(async move {

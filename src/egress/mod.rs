@@ -165,18 +165,14 @@ impl Egress {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
         tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), api_base = %state.settings.api_base, "egress listening");
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "egress accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = crate::drained(&mut drain) => break,
-            };
+        while let Some((stream, peer)) = crate::drain::accept_until_drained(
+            &listener,
+            &mut drain,
+            "egress accept failed",
+            Duration::from_millis(50),
+        )
+        .await
+        {
             if !state
                 .settings
                 .allowed_ips
