@@ -3,7 +3,7 @@
 //! [`Gateway::bind`] loads and validates everything, binds the listeners and returns a handle;
 //! [`Gateway::serve`] runs until its shutdown future resolves, then drains. The accept loop, the
 //! connection limit and the order of checks each connection and request goes through live in
-//! [`gateway`].
+//! `src/gateway.rs` (crate-private, like every module nothing outside the crate uses).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![deny(unreachable_pub)]
@@ -370,7 +370,7 @@ impl StartupFacts {
 }
 
 /// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
-/// See [`logging`] for the journal priorities and when colour is used.
+/// See `src/logging.rs` for the journal priorities and when colour is used.
 pub fn init_logging(log: &LogSettings) {
     logging::init(log);
 }
