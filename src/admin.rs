@@ -7,6 +7,7 @@
 //! 127.0.0.1:8080", "dedup_store": "ok"}`), and each check going bad or recovering is logged once.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,15 +26,22 @@ use crate::dedup::DedupStore;
 use crate::metrics::Metrics;
 use crate::tls::inspect::unix_now;
 
+/// `[admin]`: the plain-HTTP health and metrics listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// Address to bind; `None` disables the admin listener.
+    pub address: Option<SocketAddr>,
+}
+
 /// How often the upstreams are probed.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// How recent the last successful probe must be for `/readyz` to say ready.
-pub const READY_WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const READY_WINDOW: Duration = Duration::from_secs(10);
 
 /// What `/readyz` reports on: one check each for the TLS material, the upstreams and the dedup
 /// store. Each check's last problem is kept for the JSON body, and each change is logged once.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     tls_loaded: AtomicBool,
     upstream_ok_at: AtomicI64,
     store_ok: AtomicBool,
@@ -53,7 +61,7 @@ struct Problems {
 
 /// Checks that the served TLS material is usable now (e.g. that the leaf has not expired since
 /// it was loaded); given to [`Readiness::probe`] by whoever owns the live TLS state.
-pub type TlsCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+pub(crate) type TlsCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A check's state for transition logging: logs once at WARN when it goes bad and once at INFO
 /// when it recovers, never on every probe.
@@ -70,12 +78,12 @@ fn log_change(check: &'static str, was_ok: &mut bool, problem: &Option<String>) 
 
 impl Readiness {
     /// Records that TLS material is loaded and serving.
-    pub fn set_tls_loaded(&self) {
+    pub(crate) fn set_tls_loaded(&self) {
         self.tls_loaded.store(true, Ordering::Relaxed);
     }
 
     /// Egress: records whether the latest access token request succeeded.
-    pub fn set_egress_token_ok(&self, ok: bool) {
+    pub(crate) fn set_egress_token_ok(&self, ok: bool) {
         self.egress_token_failing.store(!ok, Ordering::Relaxed);
     }
 
@@ -93,7 +101,7 @@ impl Readiness {
 
     /// Ready when TLS is loaded and every upstream accepted a connection within [`READY_WINDOW`]
     /// (and, with `[egress]`, the latest token request, if one was needed, succeeded).
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.egress_token_failing.load(Ordering::Relaxed)
             && self.tls_loaded.load(Ordering::Relaxed)
             && self.problems().tls.is_none()
@@ -102,7 +110,7 @@ impl Readiness {
     }
 
     /// The `/readyz` body: `ready` and one field per check, `"ok"` or what is wrong.
-    pub fn report(&self) -> serde_json::Value {
+    pub(crate) fn report(&self) -> serde_json::Value {
         let problems = self.problems();
         let field = |problem: Option<String>| problem.unwrap_or_else(|| "ok".into());
         let tls = if self.tls_loaded.load(Ordering::Relaxed) {
@@ -137,7 +145,7 @@ impl Readiness {
     }
 
     /// Probes the TLS material, the upstreams and the dedup store until `shutdown` turns true.
-    pub async fn probe(
+    pub(crate) async fn probe(
         self: Arc<Self>,
         authorities: Vec<String>,
         connect_timeout: Duration,
@@ -196,24 +204,20 @@ impl Readiness {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = crate::drained(&mut shutdown) => return,
-        };
+    while let Some((stream, _)) = crate::drain::accept_until_drained(
+        &listener,
+        &mut shutdown,
+        "admin accept failed",
+        Duration::from_millis(100),
+    )
+    .await
+    {
         let registry = registry.clone();
         let readiness = readiness.clone();
         tokio::spawn(async move {

@@ -22,7 +22,7 @@ use crate::upstream::{BoxError, GatewayBody};
 
 /// The verified client of a connection, as the audit record names it.
 #[derive(Debug)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// The admitted client address.
     pub client: IpAddr,
     /// The client certificate's subject.
@@ -32,7 +32,7 @@ pub struct Peer {
 }
 
 /// What is known about one request, filled in as it goes through the pipeline.
-pub struct AuditRecord {
+pub(crate) struct AuditRecord {
     peer: Arc<Peer>,
     started: Instant,
     method: http::Method,
@@ -72,7 +72,7 @@ impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
 impl AuditRecord {
     /// Cheap: clones the peer's `Arc` and the method and URI (reference-counted); nothing is
     /// formatted unless a log line is written.
-    pub fn new<B>(peer: &Arc<Peer>, request: &http::Request<B>) -> AuditRecord {
+    pub(crate) fn new<B>(peer: &Arc<Peer>, request: &http::Request<B>) -> AuditRecord {
         AuditRecord {
             peer: peer.clone(),
             started: Instant::now(),
@@ -92,7 +92,11 @@ impl AuditRecord {
 
     /// Hands the record to the response: it is written when the body has been sent (or broke
     /// off, or the client went away). With `audit = false` only refusals are logged, at once.
-    pub fn attach(self, audit: bool, response: Response<GatewayBody>) -> Response<GatewayBody> {
+    pub(crate) fn attach(
+        self,
+        audit: bool,
+        response: Response<GatewayBody>,
+    ) -> Response<GatewayBody> {
         if !audit {
             self.log_refusal(response.status().as_u16());
             return response;

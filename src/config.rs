@@ -1,5 +1,10 @@
 //! Configuration: TOML with unknown keys refused, turned in one step into validated settings, one
-//! struct per module (`ListenSettings`, `TlsSettings`, ...). Every error names the file and the key.
+//! struct per section, each defined by the module that uses it (`tls::TlsSettings`,
+//! `admission::ClientSettings`, `upstream::UpstreamSettings`, `bars::BarsSettings`,
+//! `dedup::DedupSettings`, `admin::AdminSettings`, `logging::LogSettings`,
+//! `egress::settings::EgressSettings`; `[listen]`, read by the gateway's accept loop, stays here)
+//! and re-exported here. This file reads the TOML into them (`values.rs`: durations, sizes and the
+//! key an error is about) and validates them. Every error names the file and the key.
 //!
 //! Relative paths are resolved against the directory of the config file, so a config and its
 //! certificates can move together.
@@ -16,17 +21,24 @@ use serde::Deserialize;
 use crate::admission::parse_cidr;
 use crate::bars::identity::TargetIdentifier;
 
+mod values;
+pub(crate) use values::{ByteSize, HumanDuration};
+
+// Each section's settings type lives in the module that uses it; re-exported here, where the
+// TOML is read into them.
+pub use crate::admin::AdminSettings;
+pub use crate::admission::{
+    ClientSettings, Environment, INT_PROXY_IPS, INT_PROXY_SUBJECT, PROD_PROXY_IPS,
+    PROD_PROXY_SUBJECT,
+};
+pub use crate::bars::BarsSettings;
+pub use crate::dedup::{DedupBackend, DedupSettings, OnStoreError};
+pub use crate::logging::{LogFormat, LogSettings};
+pub use crate::tls::{parse_pin, Pin, ServerIdentitySource, TlsSettings, TlsVersion};
+pub use crate::upstream::{UpstreamSettings, UpstreamUrl};
+
 /// The default config path (DESIGN.md §2).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bars-gateway/config.toml";
-
-/// The BaRS API proxy's source addresses in INT (BaRS IG, Deploy: firewall exceptions).
-pub const INT_PROXY_IPS: [&str; 2] = ["35.197.254.55/32", "35.246.55.143/32"];
-/// The BaRS API proxy's source addresses in PROD.
-pub const PROD_PROXY_IPS: [&str; 2] = ["34.89.0.111/32", "34.89.69.6/32"];
-/// The CN of the client certificate the BaRS proxy presents in INT.
-pub const INT_PROXY_SUBJECT: &str = "int.api.service.nhs.uk";
-/// The CN of the client certificate the BaRS proxy presents in PROD.
-pub const PROD_PROXY_SUBJECT: &str = "bars-proxy.spineservices.nhs.uk";
 
 /// A configuration problem, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -84,200 +96,6 @@ pub struct ListenSettings {
     pub shutdown_grace: Duration,
 }
 
-/// Where the server certificate and key come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerIdentitySource {
-    /// PEM chain (leaf first) and a PEM key (PKCS#8 plain or encrypted, PKCS#1, SEC1).
-    Pem {
-        /// `tls.certificate`.
-        certificate: PathBuf,
-        /// `tls.private_key`.
-        private_key: PathBuf,
-        /// `tls.private_key_password_file`, if set.
-        password_file: Option<PathBuf>,
-    },
-    /// A PKCS#12 (`.pfx`) bundle.
-    Pkcs12 {
-        /// `tls.pkcs12`.
-        path: PathBuf,
-        /// `tls.pkcs12_password_file`, if set.
-        password_file: Option<PathBuf>,
-    },
-}
-
-/// Lowest TLS version offered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsVersion {
-    /// TLS 1.2 and 1.3.
-    Tls12,
-    /// TLS 1.3 only.
-    Tls13,
-}
-
-/// `[tls]`: the server identity and what client certificates are trusted.
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    /// The server certificate and key.
-    pub identity: ServerIdentitySource,
-    /// Trusted client CAs (roots and sub-CAs).
-    pub client_ca: Vec<PathBuf>,
-    /// CRLs (PEM or DER).
-    pub client_crl: Vec<PathBuf>,
-    /// Lowest TLS version.
-    pub min_version: TlsVersion,
-    /// Polling fallback for reloads.
-    pub reload_interval: Duration,
-}
-
-/// A pinned client leaf certificate fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pin {
-    /// SHA-256 of the DER certificate.
-    Sha256([u8; 32]),
-    /// SHA-1 of the DER certificate (the "thumbprint" the NHS guide publishes).
-    Sha1([u8; 20]),
-}
-
-/// Which BaRS environment's presets apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Environment {
-    /// Path to Live integration: the INT proxy addresses and CN.
-    Int,
-    /// Production: the PROD proxy addresses and CN.
-    Prod,
-    /// No presets: `allowed_ips` and `allowed_subjects` must be given.
-    Custom,
-}
-
-/// `[client]`: who may connect.
-#[derive(Debug, Clone)]
-pub struct ClientSettings {
-    /// The preset in force.
-    pub environment: Environment,
-    /// Source addresses allowed (after PROXY protocol, if any).
-    pub allowed_ips: Vec<IpNet>,
-    /// Allowed client certificate CNs or DNS SANs, lower-cased.
-    pub allowed_subjects: Vec<String>,
-    /// Allowed client leaf fingerprints; empty = no pinning.
-    pub pinned_fingerprints: Vec<Pin>,
-}
-
-/// One upstream (legacy receiver) base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    /// The URL as configured.
-    pub uri: Uri,
-    /// `host:port` for connecting and for the `Host` header.
-    pub authority: String,
-    /// The base path, without a trailing slash ("" for the root).
-    pub base_path: String,
-}
-
-/// `[upstream]`: where clean requests go.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamSettings {
-    /// The default legacy receiver; `None` when only routes serve.
-    pub url: Option<UpstreamUrl>,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// The sender's whole wait, from the request head to the response head (the BaRS 5 s limit by
-    /// default): past it the sender gets 408 REC_TIMEOUT.
-    pub request_timeout: Duration,
-    /// How long a deduplicated request's exchange with the legacy system goes on after the sender
-    /// was answered 408, so that its late answer is still recorded (DESIGN.md §5).
-    pub completion_timeout: Duration,
-    /// Largest response header section accepted from the legacy system.
-    pub max_response_header_bytes: usize,
-    /// Largest request body forwarded.
-    pub max_body: u64,
-    /// Request headers never forwarded.
-    pub strip_headers: Vec<HeaderName>,
-    /// Routes by NHSD-Target-Identifier.
-    pub routes: Vec<(TargetIdentifier, UpstreamUrl)>,
-}
-
-/// `[bars]`: BaRS request rules.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BarsSettings {
-    /// Path prefix of the base URL registered with BaRS ("" or like "/bars/FHIR/R4").
-    pub base_path: String,
-    /// Strict mode (DESIGN.md §5a): NHSD-Target-Identifier required except on /metadata,
-    /// Organisation and Software except on /metadata and /MessageDefinition, and every identity
-    /// header shape rule enforced. Off by default (the IG: "optional for the sender").
-    pub require_identity_headers: bool,
-    /// Accept header major versions served.
-    pub accepted_major_versions: Vec<u64>,
-    /// Whether the BaRS receiver endpoints are served.
-    pub bars_endpoints: bool,
-    /// Extra allowed path prefixes.
-    pub extra_prefixes: Vec<String>,
-}
-
-/// Which dedup store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DedupBackend {
-    /// In-process bounded store (one replica; lost on restart).
-    Memory,
-    /// Shared Redis (several replicas behave as one; survives restarts).
-    Redis {
-        /// `redis://host:port/db` or `unix:///path/to/socket`.
-        url: String,
-    },
-}
-
-/// What to do when the dedup store cannot be consulted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnStoreError {
-    /// 503 REC_SERVICE_UNAVAILABLE: the sender retries later (no risk of double delivery).
-    Reject,
-    /// Forward without dedup, logging loudly (availability over exactly-once).
-    Allow,
-}
-
-/// `[dedup]`: retry deduplication by X-Request-Id (DESIGN.md §5).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DedupSettings {
-    /// The store.
-    pub backend: DedupBackend,
-    /// How long a processed request id is remembered.
-    pub ttl: Duration,
-    /// Memory store: most entries kept (older are evicted first).
-    pub max_entries: u64,
-    /// Methods deduplicated.
-    pub methods: Vec<http::Method>,
-    /// Store failure policy.
-    pub on_store_error: OnStoreError,
-    /// Largest answer body kept to replay a deterministic 4xx (and to find a 2xx's reference).
-    pub max_replay_bytes: usize,
-}
-
-/// `[admin]`: the plain-HTTP health and metrics listener.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdminSettings {
-    /// Address to bind; `None` disables the admin listener.
-    pub address: Option<SocketAddr>,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogSettings {
-    /// Level or `tracing` filter directive, e.g. `info` or `info,bars_gateway=debug`.
-    pub level: String,
-    /// Output format.
-    pub format: LogFormat,
-    /// One audit record per request.
-    pub audit: bool,
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw TOML model: exactly the keys of DESIGN.md §3, unknown keys refused.
 
@@ -305,13 +123,21 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDedup {
-    store: Option<String>,
-    ttl: Option<String>,
+    store: Option<StoreKind>,
+    ttl: Option<HumanDuration>,
     max_entries: Option<u64>,
     methods: Option<Vec<String>>,
     redis_url: Option<String>,
-    on_store_error: Option<String>,
-    max_replay_bytes: Option<String>,
+    on_store_error: Option<OnStoreError>,
+    max_replay_bytes: Option<ByteSize>,
+}
+
+/// `dedup.store`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    Memory,
+    Redis,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,11 +145,11 @@ struct RawDedup {
 struct RawListen {
     address: Option<String>,
     trusted_proxies: Option<Vec<String>>,
-    header_read_timeout: Option<String>,
-    idle_timeout: Option<String>,
+    header_read_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
     max_connections: Option<usize>,
-    max_header_bytes: Option<String>,
-    shutdown_grace: Option<String>,
+    max_header_bytes: Option<ByteSize>,
+    shutdown_grace: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -336,14 +162,14 @@ struct RawTls {
     pkcs12_password_file: Option<String>,
     client_ca: Option<Vec<String>>,
     client_crl: Option<Vec<String>>,
-    min_version: Option<String>,
-    reload_interval: Option<String>,
+    min_version: Option<TlsVersion>,
+    reload_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClient {
-    environment: Option<String>,
+    environment: Option<Environment>,
     allowed_ips: Option<Vec<String>>,
     allowed_subjects: Option<Vec<String>>,
     pinned_fingerprints: Option<Vec<String>>,
@@ -353,11 +179,11 @@ struct RawClient {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     url: Option<String>,
-    connect_timeout: Option<String>,
-    request_timeout: Option<String>,
-    completion_timeout: Option<String>,
-    max_response_header_bytes: Option<String>,
-    max_body: Option<String>,
+    connect_timeout: Option<HumanDuration>,
+    request_timeout: Option<HumanDuration>,
+    completion_timeout: Option<HumanDuration>,
+    max_response_header_bytes: Option<ByteSize>,
+    max_body: Option<ByteSize>,
     strip_headers: Option<Vec<String>>,
     route: Option<Vec<RawRoute>>,
 }
@@ -395,7 +221,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
-    format: Option<String>,
+    format: Option<LogFormat>,
     audit: Option<bool>,
 }
 
@@ -420,17 +246,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
     };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let message = e.message().to_string();
-        let at = e
-            .span()
-            .map(|span| {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
-        v.err("(syntax)", format!("{message}{at}"))
-    })?;
+    let raw: RawConfig = v.read_toml(text)?;
     Ok(Settings {
         source: path.to_path_buf(),
         listen: v.listen(raw.listen)?,
@@ -456,6 +272,27 @@ pub(crate) struct Validator {
 }
 
 impl Validator {
+    /// Deserializes config text; an error names the key it is about when its position lies in
+    /// one (a wrong value, an unknown key), else `(syntax)` and the line.
+    pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(
+        &self,
+        text: &str,
+    ) -> Result<T, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            let Some(span) = e.span() else {
+                return self.err("(syntax)", message);
+            };
+            match values::key_at(text, span.start) {
+                Some(key) => self.err(&key, message),
+                None => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    self.err("(syntax)", format!("{message} (line {line})"))
+                }
+            }
+        })
+    }
+
     pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
@@ -487,35 +324,6 @@ impl Validator {
         }
     }
 
-    pub(crate) fn duration(
-        &self,
-        key: &str,
-        value: Option<String>,
-        default: &str,
-    ) -> Result<Duration, ConfigError> {
-        let text = value.unwrap_or_else(|| default.to_string());
-        let d = humantime::parse_duration(text.trim()).map_err(|e| {
-            self.err(
-                key,
-                format!("{text:?} is not a duration like \"5s\" or \"24h\": {e}"),
-            )
-        })?;
-        if d.is_zero() {
-            return Err(self.err(key, "must be greater than zero"));
-        }
-        Ok(d)
-    }
-
-    fn size(&self, key: &str, value: Option<String>, default: &str) -> Result<u64, ConfigError> {
-        let text = value.unwrap_or_else(|| default.to_string());
-        parse_size(&text).ok_or_else(|| {
-            self.err(
-                key,
-                format!("{text:?} is not a size like \"32KiB\" or \"10MiB\""),
-            )
-        })
-    }
-
     fn socket_addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         value.trim().parse().map_err(|_| {
             self.err(
@@ -542,8 +350,7 @@ impl Validator {
         if max_connections == 0 {
             return Err(self.err("listen.max_connections", "must be at least 1"));
         }
-        let max_header_bytes =
-            self.size("listen.max_header_bytes", raw.max_header_bytes, "32KiB")?;
+        let max_header_bytes = ByteSize::or(raw.max_header_bytes, 32 << 10);
         // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
         if !(8192..=1 << 20).contains(&max_header_bytes) {
             return Err(self.err("listen.max_header_bytes", "must be between 8KiB and 1MiB"));
@@ -554,15 +361,11 @@ impl Validator {
                 "listen.trusted_proxies",
                 raw.trusted_proxies.as_deref().unwrap_or_default(),
             )?,
-            header_read_timeout: self.duration(
-                "listen.header_read_timeout",
-                raw.header_read_timeout,
-                "10s",
-            )?,
-            idle_timeout: self.duration("listen.idle_timeout", raw.idle_timeout, "60s")?,
+            header_read_timeout: HumanDuration::or(raw.header_read_timeout, secs(10)),
+            idle_timeout: HumanDuration::or(raw.idle_timeout, secs(60)),
             max_connections,
             max_header_bytes: max_header_bytes as usize,
-            shutdown_grace: self.duration("listen.shutdown_grace", raw.shutdown_grace, "30s")?,
+            shutdown_grace: HumanDuration::or(raw.shutdown_grace, secs(30)),
         })
     }
 
@@ -642,37 +445,18 @@ impl Validator {
             .enumerate()
             .map(|(i, p)| self.path(&format!("tls.client_crl[{i}]"), p))
             .collect::<Result<_, _>>()?;
-        let min_version = match raw.min_version.as_deref().unwrap_or("1.2") {
-            "1.2" => TlsVersion::Tls12,
-            "1.3" => TlsVersion::Tls13,
-            other => {
-                return Err(self.err(
-                    "tls.min_version",
-                    format!("{other:?} is not supported: use \"1.2\" or \"1.3\""),
-                ))
-            }
-        };
+        let min_version = raw.min_version.unwrap_or(TlsVersion::Tls12);
         Ok(TlsSettings {
             identity,
             client_ca,
             client_crl,
             min_version,
-            reload_interval: self.duration("tls.reload_interval", raw.reload_interval, "1m")?,
+            reload_interval: HumanDuration::or(raw.reload_interval, secs(60)),
         })
     }
 
     fn client(&self, raw: RawClient) -> Result<ClientSettings, ConfigError> {
-        let environment = match raw.environment.as_deref().unwrap_or("custom") {
-            "int" => Environment::Int,
-            "prod" => Environment::Prod,
-            "custom" => Environment::Custom,
-            other => {
-                return Err(self.err(
-                    "client.environment",
-                    format!("{other:?} is not one of \"int\", \"prod\", \"custom\""),
-                ))
-            }
-        };
+        let environment = raw.environment.unwrap_or(Environment::Custom);
         let (preset_ips, preset_subject): (&[&str], Option<&str>) = match environment {
             Environment::Int => (&INT_PROXY_IPS, Some(INT_PROXY_SUBJECT)),
             Environment::Prod => (&PROD_PROXY_IPS, Some(PROD_PROXY_SUBJECT)),
@@ -813,14 +597,12 @@ impl Validator {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let max_body = self.size("upstream.max_body", raw.max_body, "10MiB")?;
+        let max_body = ByteSize::or(raw.max_body, 10 << 20);
         if max_body == 0 {
             return Err(self.err("upstream.max_body", "must be greater than zero"));
         }
-        let request_timeout =
-            self.duration("upstream.request_timeout", raw.request_timeout, "5s")?;
-        let completion_timeout =
-            self.duration("upstream.completion_timeout", raw.completion_timeout, "2m")?;
+        let request_timeout = HumanDuration::or(raw.request_timeout, secs(5));
+        let completion_timeout = HumanDuration::or(raw.completion_timeout, secs(120));
         if completion_timeout < request_timeout {
             return Err(self.err(
                 "upstream.completion_timeout",
@@ -830,11 +612,7 @@ impl Validator {
                 ),
             ));
         }
-        let max_response_header_bytes = self.size(
-            "upstream.max_response_header_bytes",
-            raw.max_response_header_bytes,
-            "64KiB",
-        )?;
+        let max_response_header_bytes = ByteSize::or(raw.max_response_header_bytes, 64 << 10);
         if max_response_header_bytes < 1024 {
             return Err(self.err(
                 "upstream.max_response_header_bytes",
@@ -843,11 +621,7 @@ impl Validator {
         }
         Ok(UpstreamSettings {
             url,
-            connect_timeout: self.duration(
-                "upstream.connect_timeout",
-                raw.connect_timeout,
-                "2s",
-            )?,
+            connect_timeout: HumanDuration::or(raw.connect_timeout, secs(2)),
             request_timeout,
             completion_timeout,
             max_response_header_bytes: usize::try_from(max_response_header_bytes)
@@ -910,9 +684,9 @@ impl Validator {
     }
 
     fn dedup(&self, raw: RawDedup) -> Result<DedupSettings, ConfigError> {
-        let backend = match raw.store.as_deref().unwrap_or("memory") {
-            "memory" => DedupBackend::Memory,
-            "redis" => {
+        let backend = match raw.store.unwrap_or(StoreKind::Memory) {
+            StoreKind::Memory => DedupBackend::Memory,
+            StoreKind::Redis => {
                 let url = raw
                     .redis_url
                     .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
@@ -930,12 +704,6 @@ impl Validator {
                     ));
                 }
                 DedupBackend::Redis { url }
-            }
-            other => {
-                return Err(self.err(
-                    "dedup.store",
-                    format!("{other:?} is not \"memory\" or \"redis\""),
-                ))
             }
         };
         let max_entries = raw.max_entries.unwrap_or(1_000_000);
@@ -960,28 +728,15 @@ impl Validator {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let on_store_error = match raw.on_store_error.as_deref().unwrap_or("reject") {
-            "reject" => OnStoreError::Reject,
-            "allow" => OnStoreError::Allow,
-            other => {
-                return Err(self.err(
-                    "dedup.on_store_error",
-                    format!("{other:?} is not \"reject\" or \"allow\""),
-                ))
-            }
-        };
+        let on_store_error = raw.on_store_error.unwrap_or(OnStoreError::Reject);
         Ok(DedupSettings {
             backend,
-            ttl: self.duration("dedup.ttl", raw.ttl, "24h")?,
+            ttl: HumanDuration::or(raw.ttl, secs(24 * 3600)),
             max_entries,
             methods,
             on_store_error,
-            max_replay_bytes: usize::try_from(self.size(
-                "dedup.max_replay_bytes",
-                raw.max_replay_bytes,
-                "64KiB",
-            )?)
-            .unwrap_or(usize::MAX),
+            max_replay_bytes: usize::try_from(ByteSize::or(raw.max_replay_bytes, 64 << 10))
+                .unwrap_or(usize::MAX),
         })
     }
 
@@ -997,22 +752,18 @@ impl Validator {
     fn log(&self, raw: RawLog) -> Result<LogSettings, ConfigError> {
         let level = raw.level.unwrap_or_else(|| "info".into());
         check_log_filter(&level).map_err(|m| self.err("log.level", m))?;
-        let format = match raw.format.as_deref().unwrap_or("json") {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => {
-                return Err(self.err(
-                    "log.format",
-                    format!("{other:?} is not \"json\" or \"text\""),
-                ))
-            }
-        };
+        let format = raw.format.unwrap_or(LogFormat::Json);
         Ok(LogSettings {
             level,
             format,
             audit: raw.audit.unwrap_or(true),
         })
     }
+}
+
+/// `n` seconds, for the defaults.
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 /// The level names `log.level` accepts, alone or after `target=`.
@@ -1092,20 +843,6 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
-}
-
-/// Parses a hex fingerprint (colons and case ignored) as SHA-256 or SHA-1.
-pub fn parse_pin(text: &str) -> Option<Pin> {
-    let clean: String = text
-        .chars()
-        .filter(|c| *c != ':' && !c.is_whitespace())
-        .collect();
-    let bytes = hex::decode(clean).ok()?;
-    match bytes.len() {
-        32 => Some(Pin::Sha256(bytes.try_into().ok()?)),
-        20 => Some(Pin::Sha1(bytes.try_into().ok()?)),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -1275,6 +1012,52 @@ url = "http://127.0.0.1:8080/legacy/fhir/"
         for (from, to, key) in cases {
             let msg = parse_err(&MINIMAL.replace(from, to));
             assert!(msg.contains(key), "expected {key} in {msg}");
+        }
+    }
+
+    #[test]
+    fn errors_serde_reports_name_the_key_they_are_about() {
+        let cases = [
+            (
+                "[upstream]",
+                "[upstream]\ntimeout = \"5s\"",
+                "upstream.timeout: unknown field `timeout`",
+            ),
+            (
+                "[upstream]",
+                "[upstream]\nrequest_timeout = 5",
+                "upstream.request_timeout: invalid type",
+            ),
+            (
+                "[upstream]",
+                "[upstream]\nrequest_timeout = \"0s\"",
+                "upstream.request_timeout: must be greater than zero",
+            ),
+            (
+                "[tls]",
+                "[tls]\nmin_version = \"1.1\"",
+                "tls.min_version: unknown variant `1.1`",
+            ),
+            (
+                "[client]",
+                "[client]\nallowed_ips = [\"1.2.3.4/32\", 7]",
+                "client.allowed_ips[1]: invalid type",
+            ),
+            (
+                "[upstream]",
+                "[upstream]\n[[upstream.route]]\nurl = \"http://x\"\n[upstream",
+                "(syntax): ",
+            ),
+            (
+                "[upstream]",
+                "[log]\nformat = \"xml\"\n[upstream]",
+                "log.format: unknown variant `xml`",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let msg = parse_err(&MINIMAL.replace(from, to));
+            assert!(msg.starts_with("/etc/gw/config.toml: "), "{msg}");
+            assert!(msg.contains(expected), "expected {expected:?} in {msg}");
         }
     }
 

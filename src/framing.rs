@@ -18,18 +18,18 @@ const MAX_HEAD: usize = 128 * 1024;
 
 /// Shared between a connection's IO (which feeds it) and its requests (which ask).
 #[derive(Debug, Default)]
-pub struct FramingWatch {
+pub(crate) struct FramingWatch {
     inner: Mutex<Tracker>,
 }
 
 impl FramingWatch {
     /// Follows bytes as they arrive from the client.
-    pub fn feed(&self, bytes: &[u8]) {
+    pub(crate) fn feed(&self, bytes: &[u8]) {
         self.lock().feed(bytes);
     }
 
     /// Whether the next request, in order, carried both `Content-Length` and `Transfer-Encoding`.
-    pub fn next_request_has_both_lengths(&self) -> bool {
+    pub(crate) fn next_request_has_both_lengths(&self) -> bool {
         self.lock().flags.pop_front().unwrap_or(false)
     }
 

@@ -29,51 +29,32 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::admission::{self, AdmissionPolicy, RefusalLogLimiter};
+use crate::admission::{self, RefusalLogLimiter};
 use crate::audit::{AuditRecord, Peer};
 use crate::bars::headers::{CORRELATION_ID_KEY, REQUEST_ID_KEY};
 use crate::bars::identity::IdentityPolicy;
 use crate::bars::routes::RouteTable;
 use crate::bars::warnings::WarningReporter;
 use crate::bars::{self, render, Refusal};
-use crate::config::{BarsSettings, DedupSettings, ListenSettings, Settings};
+use crate::config::{BarsSettings, DedupSettings, ListenSettings};
 use crate::dedup::once::{Deliverer, Delivery};
 use crate::dedup::{DedupStore, Fingerprint};
 use crate::drain::drained;
 use crate::framing::FramingWatch;
 use crate::idle::{ActivityIo, Expiry, IdleWatch};
+use crate::live::LiveState;
 use crate::metrics::{Metrics, StatusLabel};
 use crate::rejection::RejectionReason;
 use crate::shards::Shards;
-use crate::tls::{self, LoadedTls};
+use crate::tls;
 use crate::upstream::{ForwardedHeaders, GatewayBody, Upstreams};
 
 /// How far past `listen.max_header_bytes` hyper still reads a header section, so that the gateway
 /// can answer it as a BaRS refusal; beyond that hyper answers 431 itself.
 const HEADER_SLACK: usize = 16 * 1024;
 
-/// What a reload replaces: TLS material and the admission lists, swapped atomically.
-#[derive(Debug)]
-pub struct LiveState {
-    /// The TLS configuration handshakes use.
-    pub tls: LoadedTls,
-    /// The admission policy connections are checked against.
-    pub admission: AdmissionPolicy,
-}
-
-impl LiveState {
-    /// The live state for `settings`, with TLS material loaded from them (how the reloader builds
-    /// the state it swaps in, and how start builds the first one).
-    pub fn build(settings: &Settings, tls: LoadedTls) -> LiveState {
-        LiveState {
-            tls,
-            admission: AdmissionPolicy::from_settings(&settings.client, &settings.listen),
-        }
-    }
-}
-
 /// Everything connection and request handling reads; built once at start.
-pub struct Shared {
+pub(crate) struct Shared {
     /// Reloadable state; each handshake reads the current one (the reloader swaps it).
     pub live: Arc<ArcSwap<LiveState>>,
     /// The approved paths.
@@ -130,7 +111,7 @@ impl Shared {
     }
 
     /// Builds the HTTP/1.1 + h2 server settings from `[listen]`.
-    pub fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
+    pub(crate) fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -177,19 +158,14 @@ pub(crate) async fn accept(
 ) {
     let limit = Arc::new(Semaphore::new(shared.listen.max_connections));
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
+    while let Some((stream, peer)) = crate::drain::accept_until(
+        &listener,
+        shutdown.as_mut(),
+        "accept failed",
+        Duration::from_millis(50),
+    )
+    .await
+    {
         shared.metrics.connections_accepted.inc();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shared.metrics.reject(RejectionReason::MaxConnections);
@@ -212,7 +188,7 @@ pub(crate) async fn accept(
 }
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the gateway drains.
-pub async fn serve_connection(
+pub(crate) async fn serve_connection(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,

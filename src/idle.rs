@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 /// Why a connection's time is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
+pub(crate) enum Expiry {
     /// No request in flight and no bytes moving for the idle timeout: close gracefully.
     Idle,
     /// A request's header section started but did not complete in time: drop the connection.
@@ -29,7 +29,7 @@ pub enum Expiry {
 
 /// Shared between a connection's IO and its requests: last activity and requests in flight.
 #[derive(Debug, Clone)]
-pub struct IdleWatch {
+pub(crate) struct IdleWatch {
     inner: Arc<IdleState>,
 }
 
@@ -49,7 +49,7 @@ struct IdleState {
 
 /// Marks a request in flight until dropped.
 #[derive(Debug)]
-pub struct Busy {
+pub(crate) struct Busy {
     inner: Arc<IdleState>,
 }
 
@@ -83,7 +83,7 @@ impl IdleState {
 impl IdleWatch {
     /// A watch that expires after `timeout` of idleness, or `header_timeout` after a request's
     /// first byte if the request has not reached the service by then (`None`: no header timer).
-    pub fn new(timeout: Duration, header_timeout: Option<Duration>) -> IdleWatch {
+    pub(crate) fn new(timeout: Duration, header_timeout: Option<Duration>) -> IdleWatch {
         IdleWatch {
             inner: Arc::new(IdleState {
                 origin: Instant::now(),
@@ -98,7 +98,7 @@ impl IdleWatch {
     }
 
     /// Marks a request in flight for as long as the guard lives; its header section is complete.
-    pub fn busy(&self) -> Busy {
+    pub(crate) fn busy(&self) -> Busy {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         self.inner.header_started.store(0, Ordering::Relaxed);
         Busy {
@@ -108,7 +108,7 @@ impl IdleWatch {
 
     /// Resolves once the connection has been idle for the timeout, or a header section has taken
     /// too long.
-    pub async fn expired(&self) -> Expiry {
+    pub(crate) async fn expired(&self) -> Expiry {
         let s = &self.inner;
         loop {
             let last = Duration::from_millis(s.last_activity_ms.load(Ordering::Relaxed));
@@ -143,7 +143,7 @@ impl IdleWatch {
 /// An IO wrapper that records activity on every read or write that moves bytes (and, on
 /// HTTP/1, shows what it reads to the request framing watch).
 #[derive(Debug)]
-pub struct ActivityIo<T> {
+pub(crate) struct ActivityIo<T> {
     io: T,
     watch: IdleWatch,
     framing: Option<std::sync::Arc<crate::framing::FramingWatch>>,
@@ -151,7 +151,7 @@ pub struct ActivityIo<T> {
 
 impl<T> ActivityIo<T> {
     /// Wraps `io`, reporting activity to `watch` and the bytes read to `framing`.
-    pub fn new(
+    pub(crate) fn new(
         io: T,
         watch: IdleWatch,
         framing: Option<std::sync::Arc<crate::framing::FramingWatch>>,

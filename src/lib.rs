@@ -3,25 +3,27 @@
 //! [`Gateway::bind`] loads and validates everything, binds the listeners and returns a handle;
 //! [`Gateway::serve`] runs until its shutdown future resolves, then drains. The accept loop, the
 //! connection limit and the order of checks each connection and request goes through live in
-//! [`gateway`].
+//! `src/gateway.rs` (crate-private, like every module nothing outside the crate uses).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![deny(unreachable_pub)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod admission;
-pub mod audit;
+pub(crate) mod audit;
 pub mod bars;
 pub mod check;
 pub mod config;
 pub mod dedup;
 pub mod demo;
 mod drain;
-pub mod egress;
-pub mod framing;
-pub mod gateway;
-pub mod idle;
+pub(crate) mod egress;
+pub(crate) mod framing;
+pub(crate) mod gateway;
+pub(crate) mod idle;
 pub mod keygen;
-pub mod logging;
+pub(crate) mod live;
+pub(crate) mod logging;
 pub mod metrics;
 pub mod rejection;
 pub mod reload;
@@ -43,7 +45,8 @@ pub(crate) use drain::drained;
 
 use admission::RefusalLogLimiter;
 use config::{LogSettings, Settings};
-use gateway::{LiveState, Shared};
+use gateway::Shared;
+use live::LiveState;
 use metrics::Metrics;
 pub use reload::Reloader;
 use tls::material::MaterialError;
@@ -389,7 +392,7 @@ impl StartupFacts {
 }
 
 /// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
-/// See [`logging`] for the journal priorities and when colour is used.
+/// See `src/logging.rs` for the journal priorities and when colour is used.
 pub fn init_logging(log: &LogSettings) {
     logging::init(log);
 }

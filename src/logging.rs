@@ -13,10 +13,31 @@ use std::io::{IsTerminal as _, Write};
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::{LogFormat, LogSettings};
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    /// Level or `tracing` filter directive, e.g. `info` or `info,bars_gateway=debug`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+    /// One audit record per request.
+    pub audit: bool,
+}
 
 /// Installs the global `tracing` subscriber from `[log]`; `RUST_LOG`, when set, overrides the level.
-pub fn init(log: &LogSettings) {
+pub(crate) fn init(log: &LogSettings) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
@@ -42,7 +63,7 @@ pub fn init(log: &LogSettings) {
 
 /// The sd-daemon(3) priority prefix for a level (syslog priorities: 3 err, 4 warning, 6 info,
 /// 7 debug).
-pub fn priority_prefix(level: &Level) -> &'static [u8] {
+pub(crate) fn priority_prefix(level: &Level) -> &'static [u8] {
     match *level {
         Level::ERROR => b"<3>",
         Level::WARN => b"<4>",
@@ -66,7 +87,7 @@ fn stderr_is_the_journal() -> bool {
 }
 
 /// Whether a `$JOURNAL_STREAM` value names the file with this device and inode.
-pub fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
+pub(crate) fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
     let Some((d, i)) = value.trim().split_once(':') else {
         return false;
     };

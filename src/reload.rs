@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Settings};
-use crate::gateway::LiveState;
+use crate::live::LiveState;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::tls::{self, LoadedTls};
 
@@ -133,6 +133,9 @@ fn restart_required(old: &Settings, new: &Settings) -> Vec<&'static str> {
     }
     if old.log != new.log {
         keys.push("log");
+    }
+    if old.egress != new.egress {
+        keys.push("egress");
     }
     keys
 }
@@ -367,5 +370,18 @@ mod tests {
         let mut moved = old.clone();
         moved.listen.address = "127.0.0.1:1".parse().unwrap();
         assert_eq!(restart_required(&old, &moved), ["listen.address"]);
+    }
+
+    #[test]
+    fn an_egress_change_needs_a_restart() {
+        let without = settings();
+        let sandbox = format!("{MINIMAL}\n[egress]\nenvironment = \"sandbox\"\n");
+        let with = parse(&sandbox, Path::new("/etc/gw/config.toml")).expect("valid config");
+        assert_eq!(restart_required(&without, &with), ["egress"]);
+        assert_eq!(restart_required(&with, &without), ["egress"]);
+        assert_eq!(restart_required(&with, &with.clone()), Vec::<&str>::new());
+        let mut retried = with.clone();
+        retried.egress.as_mut().unwrap().retry.max_attempts += 1;
+        assert_eq!(restart_required(&with, &retried), ["egress"]);
     }
 }

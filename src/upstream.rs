@@ -21,8 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::bars::identity::TargetIdentifier;
 use crate::bars::ids::{CorrelationId, RequestId};
 use crate::bars::Refusal;
-use crate::config::{UpstreamSettings, UpstreamUrl};
 use crate::metrics::Metrics;
+
+mod settings;
+pub use settings::{UpstreamSettings, UpstreamUrl};
 
 /// A boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -25,12 +25,17 @@ use crate::rejection::RejectionReason;
 mod limiter;
 mod policy;
 mod proxy;
+mod settings;
 #[cfg(test)]
 mod tests;
 
 pub use limiter::RefusalLogLimiter;
 pub use policy::{admit_peer, parse_cidr, AdmissionPolicy, Admitted, IpAllowlist};
 pub use proxy::{read_proxy_header, ProxyHeader, V2_MAX_PAYLOAD};
+pub use settings::{
+    ClientSettings, Environment, INT_PROXY_IPS, INT_PROXY_SUBJECT, PROD_PROXY_IPS,
+    PROD_PROXY_SUBJECT,
+};
 
 /// Why a connection was closed at admission; [`AdmissionError::reason`] is the metric/log label.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,8 @@ use super::proxy::{
     V2_SIGNATURE,
 };
 use super::AdmissionError;
-use crate::config::{ClientSettings, ListenSettings};
+use super::ClientSettings;
+use crate::config::ListenSettings;
 
 /// CIDR list; matching normalises IPv4-mapped IPv6 (::ffff:a.b.c.d) to IPv4.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

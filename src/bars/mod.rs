@@ -9,6 +9,8 @@ pub mod identity;
 pub mod ids;
 pub mod render;
 pub mod routes;
+mod settings;
 pub mod warnings;
 
 pub use errors::Refusal;
+pub use settings::BarsSettings;

@@ -16,6 +16,9 @@ pub mod memory;
 pub mod once;
 pub mod redis;
 pub mod reference;
+mod settings;
+
+pub use settings::{DedupBackend, DedupSettings, OnStoreError};
 
 use std::time::Duration;
 
@@ -29,7 +32,6 @@ use crate::bars::headers::{
     REQUESTING_SOFTWARE_KEY, TARGET_IDENTIFIER_KEY,
 };
 use crate::bars::ids::RequestId;
-use crate::config::{DedupBackend, DedupSettings};
 
 /// SHA-256 over everything that makes two requests "the same message" (DESIGN.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -273,11 +275,11 @@ pub fn is_deterministic(status: u16) -> bool {
 mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(bytes))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(d)?;
         let bytes = hex::decode(text).map_err(serde::de::Error::custom)?;
         bytes
@@ -289,11 +291,11 @@ mod hex_bytes {
 mod hex_bytes_vec {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(bytes))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }

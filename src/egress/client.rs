@@ -15,10 +15,10 @@ use super::settings::EgressSettings;
 use crate::tls::material::{read_certificates, MaterialError};
 
 /// The client type (requests carry the legacy system's buffered body, so they can be re-sent).
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds the client. Blocking: reads the CA files or the system trust store.
-pub fn build(settings: &EgressSettings) -> Result<HttpsClient, MaterialError> {
+pub(crate) fn build(settings: &EgressSettings) -> Result<HttpsClient, MaterialError> {
     let mut roots = rustls::RootCertStore::empty();
     if settings.ca.is_empty() {
         let found = rustls_native_certs::load_native_certs();

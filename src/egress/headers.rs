@@ -21,9 +21,9 @@ use crate::bars::identity::{
 use crate::bars::ids::{read_request_ids, RequestIds};
 
 /// `X-BaRS-Target: system|value`: the plain form of NHSD-Target-Identifier a legacy system may send.
-pub static X_BARS_TARGET: HeaderName = HeaderName::from_static("x-bars-target");
+pub(crate) static X_BARS_TARGET: HeaderName = HeaderName::from_static("x-bars-target");
 /// `X-BaRS-Attempts`: on the answer, how many attempts the gateway made.
-pub static X_BARS_ATTEMPTS: HeaderName = HeaderName::from_static("x-bars-attempts");
+pub(crate) static X_BARS_ATTEMPTS: HeaderName = HeaderName::from_static("x-bars-attempts");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 static NHSD_TARGET: HeaderName = HeaderName::from_static("nhsd-target-identifier");
@@ -34,7 +34,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// The header values built once from `[egress]`.
 #[derive(Debug, Clone)]
-pub struct HeaderDefaults {
+pub(crate) struct HeaderDefaults {
     organisation: Option<HeaderValue>,
     software: HeaderValue,
     media_type: HeaderValue,
@@ -42,7 +42,7 @@ pub struct HeaderDefaults {
 
 impl HeaderDefaults {
     /// Encodes the configured Organisation and Software as the BaRS spec's Base64 JSON.
-    pub fn new(settings: &EgressSettings) -> HeaderDefaults {
+    pub(crate) fn new(settings: &EgressSettings) -> HeaderDefaults {
         let organisation = settings.ods_code.as_ref().map(|code| {
             let mut org = serde_json::json!({
                 "resourceType": "Organization",
@@ -85,7 +85,7 @@ fn encode(value: &serde_json::Value) -> HeaderValue {
 
 /// The request headers to send, and what the answer and the audit record need from them.
 #[derive(Debug, Clone)]
-pub struct Completed {
+pub(crate) struct Completed {
     /// Headers for the BaRS API (no `Authorization` yet: that is per attempt).
     pub headers: HeaderMap,
     /// The ids used, sent or generated.
@@ -96,7 +96,7 @@ pub struct Completed {
 
 /// Completes `incoming` (the legacy system's headers) for the BaRS API; a header the legacy system
 /// sent that is malformed is refused as on the way in (400).
-pub fn complete_headers(
+pub(crate) fn complete_headers(
     incoming: &HeaderMap,
     defaults: &HeaderDefaults,
     has_body: bool,

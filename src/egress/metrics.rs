@@ -10,7 +10,7 @@ use crate::metrics::{ResultLabel, StatusLabel};
 
 /// The egress side's metrics. Never a token, an id or a target in a label.
 #[derive(Debug)]
-pub struct EgressMetrics {
+pub(crate) struct EgressMetrics {
     /// Answers given to the legacy system, by status.
     pub requests: Family<StatusLabel, Counter>,
     /// Attempts made per egress request.
@@ -23,7 +23,7 @@ pub struct EgressMetrics {
 
 impl EgressMetrics {
     /// Creates the families and registers them in `registry`.
-    pub fn register(registry: &mut Registry) -> EgressMetrics {
+    pub(crate) fn register(registry: &mut Registry) -> EgressMetrics {
         let m = EgressMetrics {
             requests: Family::default(),
             attempts: Histogram::new([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]),
@@ -58,7 +58,7 @@ impl EgressMetrics {
     }
 
     /// Counts one token request.
-    pub fn token_fetch(&self, result: &'static str) {
+    pub(crate) fn token_fetch(&self, result: &'static str) {
         self.token_fetches
             .get_or_create(&ResultLabel { result })
             .inc();

@@ -7,13 +7,13 @@
 //! (`client`), judge the answer (`retry`) ─► answer the legacy system with the API's answer, the
 //! ids used and `X-BaRS-Attempts` ─► audit record.
 
-pub mod client;
-pub mod headers;
-pub mod metrics;
-pub mod report;
-pub mod retry;
-pub mod settings;
-pub mod token;
+pub(crate) mod client;
+pub(crate) mod headers;
+pub(crate) mod metrics;
+pub(crate) mod report;
+pub(crate) mod retry;
+pub(crate) mod settings;
+pub(crate) mod token;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -78,14 +78,14 @@ struct EgressState {
 }
 
 /// The bound egress listener with everything loaded.
-pub struct Egress {
+pub(crate) struct Egress {
     state: Arc<EgressState>,
     listener: TcpListener,
 }
 
 /// Loads what the egress side needs from disk (blocking): the HTTPS client, and for an
 /// authenticated environment the signing key and the API key.
-pub fn load(
+pub(crate) fn load(
     settings: &EgressSettings,
 ) -> Result<(client::HttpsClient, Option<(SigningKey, ApiKey)>), MaterialError> {
     let client = client::build(settings)?;
@@ -101,7 +101,7 @@ pub fn load(
 
 impl Egress {
     /// Loads the keys, registers the egress metrics and binds `egress.address`.
-    pub async fn bind(
+    pub(crate) async fn bind(
         settings: &EgressSettings,
         registry: &mut Registry,
         readiness: Option<Arc<Readiness>>,
@@ -148,7 +148,7 @@ impl Egress {
     }
 
     /// The bound address (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .unwrap_or(self.state.settings.address)
@@ -156,7 +156,7 @@ impl Egress {
 
     /// Serves the legacy system until `drain` turns true, then lets requests in flight finish for
     /// up to `grace`.
-    pub async fn serve(self, mut drain: watch::Receiver<bool>, grace: Duration) {
+    pub(crate) async fn serve(self, mut drain: watch::Receiver<bool>, grace: Duration) {
         let Egress { state, listener } = self;
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -165,18 +165,14 @@ impl Egress {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
         tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), api_base = %state.settings.api_base, "egress listening");
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "egress accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = crate::drained(&mut drain) => break,
-            };
+        while let Some((stream, peer)) = crate::drain::accept_until_drained(
+            &listener,
+            &mut drain,
+            "egress accept failed",
+            Duration::from_millis(50),
+        )
+        .await
+        {
             if !state
                 .settings
                 .allowed_ips

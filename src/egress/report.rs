@@ -8,7 +8,7 @@ use super::settings::EgressSettings;
 use super::token::{ApiKey, SigningKey};
 
 /// Appends the egress report to `text`; problems that would stop `run` go to `errors`.
-pub fn describe(settings: &EgressSettings, text: &mut String, errors: &mut Vec<String>) {
+pub(crate) fn describe(settings: &EgressSettings, text: &mut String, errors: &mut Vec<String>) {
     let _ = writeln!(text, "\negress (the legacy system as a BaRS sender):");
     let _ = writeln!(
         text,

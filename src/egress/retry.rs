@@ -13,7 +13,7 @@ use super::settings::RetrySettings;
 
 /// What to do with one attempt's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Give this answer to the legacy system.
     Final,
     /// Try again with the same ids, after at least `retry_after` when the answer said so.
@@ -25,7 +25,11 @@ pub enum Verdict {
 
 /// Judges an HTTP answer. `is_operation_outcome` is whether an error answer's body is a FHIR
 /// OperationOutcome (ignored for 2xx/3xx).
-pub fn judge(status: StatusCode, headers: &HeaderMap, is_operation_outcome: bool) -> Verdict {
+pub(crate) fn judge(
+    status: StatusCode,
+    headers: &HeaderMap,
+    is_operation_outcome: bool,
+) -> Verdict {
     let retry = Verdict::Retry {
         retry_after: retry_after(headers),
     };
@@ -42,7 +46,7 @@ pub fn judge(status: StatusCode, headers: &HeaderMap, is_operation_outcome: bool
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = headers
         .get(http::header::RETRY_AFTER)?
         .to_str()
@@ -59,7 +63,11 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// `initial_backoff`, capped at `max_backoff`, with "equal jitter" (a random point in the upper
 /// half) so that senders failed by one outage do not all come back at once; never shorter than the
 /// answer's `Retry-After`.
-pub fn backoff(policy: &RetrySettings, retry: u32, retry_after: Option<Duration>) -> Duration {
+pub(crate) fn backoff(
+    policy: &RetrySettings,
+    retry: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
     let exponent = retry.saturating_sub(1).min(16);
     let base = policy
         .initial_backoff

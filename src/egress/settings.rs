@@ -10,27 +10,28 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::admission::parse_cidr;
-use crate::config::{parse_size, ConfigError, Validator};
+use crate::config::{ByteSize, ConfigError, HumanDuration, Validator};
 
 /// The BaRS API base URL in INT (BARS-CONTEXT.md "The sender side").
-pub const INT_API_BASE: &str = "https://int.api.service.nhs.uk/booking-and-referral/FHIR/R4";
+pub(crate) const INT_API_BASE: &str = "https://int.api.service.nhs.uk/booking-and-referral/FHIR/R4";
 /// The NHS API platform's OAuth 2.0 token endpoint in INT.
-pub const INT_TOKEN_URL: &str = "https://int.api.service.nhs.uk/oauth2/token";
+pub(crate) const INT_TOKEN_URL: &str = "https://int.api.service.nhs.uk/oauth2/token";
 /// The BaRS API base URL in PROD.
-pub const PROD_API_BASE: &str = "https://api.service.nhs.uk/booking-and-referral/FHIR/R4";
+pub(crate) const PROD_API_BASE: &str = "https://api.service.nhs.uk/booking-and-referral/FHIR/R4";
 /// The token endpoint in PROD.
-pub const PROD_TOKEN_URL: &str = "https://api.service.nhs.uk/oauth2/token";
+pub(crate) const PROD_TOKEN_URL: &str = "https://api.service.nhs.uk/oauth2/token";
 /// The BaRS sandbox: open, no token.
-pub const SANDBOX_API_BASE: &str =
+pub(crate) const SANDBOX_API_BASE: &str =
     "https://sandbox.api.service.nhs.uk/booking-and-referral/FHIR/R4";
 
 /// The systemd credential looked up in `$CREDENTIALS_DIRECTORY` when `api_key_file` is not set.
-pub const API_KEY_CREDENTIAL: &str = "api-key";
+pub(crate) const API_KEY_CREDENTIAL: &str = "api-key";
 /// The systemd credential holding the password of an encrypted `signing_key`.
-pub const SIGNING_KEY_PASSWORD_CREDENTIAL: &str = "egress-key-password";
+pub(crate) const SIGNING_KEY_PASSWORD_CREDENTIAL: &str = "egress-key-password";
 
 /// Which NHS API platform environment the presets point at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EgressEnvironment {
     /// Path to Live integration.
     Int,
@@ -43,7 +44,7 @@ pub enum EgressEnvironment {
 }
 
 /// How the gateway authenticates to the BaRS API.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SignedJwtSettings {
     /// The OAuth 2.0 token endpoint (also the JWT's `aud`).
     pub token_url: Uri,
@@ -58,7 +59,7 @@ pub struct SignedJwtSettings {
 }
 
 /// The retry rules of BaRS senders (BARS-CONTEXT.md "Retries"), bounded.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetrySettings {
     /// Most attempts per request, the first included.
     pub max_attempts: u32,
@@ -73,7 +74,7 @@ pub struct RetrySettings {
 }
 
 /// `[egress]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EgressSettings {
     /// The plain-HTTP listener for the legacy system.
     pub address: SocketAddr,
@@ -110,10 +111,10 @@ pub struct EgressSettings {
 /// The raw `[egress]` table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEgress {
+pub(crate) struct RawEgress {
     address: Option<String>,
     allowed_ips: Option<Vec<String>>,
-    environment: Option<String>,
+    environment: Option<EgressEnvironment>,
     api_base: Option<String>,
     token_url: Option<String>,
     key_id: Option<String>,
@@ -128,12 +129,12 @@ pub struct RawEgress {
     device_id: Option<String>,
     bars_version: Option<String>,
     max_attempts: Option<u32>,
-    retry_budget: Option<String>,
-    attempt_timeout: Option<String>,
-    initial_backoff: Option<String>,
-    max_backoff: Option<String>,
-    connect_timeout: Option<String>,
-    max_body: Option<String>,
+    retry_budget: Option<HumanDuration>,
+    attempt_timeout: Option<HumanDuration>,
+    initial_backoff: Option<HumanDuration>,
+    max_backoff: Option<HumanDuration>,
+    connect_timeout: Option<HumanDuration>,
+    max_body: Option<ByteSize>,
 }
 
 /// The `[egress]` checks on top of config.rs's validator: keys are prefixed `egress.`.
@@ -154,15 +155,6 @@ impl Check<'_> {
         value: Option<String>,
     ) -> Result<Option<PathBuf>, ConfigError> {
         self.0.optional_path(&format!("egress.{key}"), value)
-    }
-
-    fn duration(
-        &self,
-        key: &str,
-        value: Option<String>,
-        default: &str,
-    ) -> Result<Duration, ConfigError> {
-        self.0.duration(&format!("egress.{key}"), value, default)
     }
 
     fn https_url(&self, key: &str, value: &str) -> Result<Uri, ConfigError> {
@@ -218,18 +210,7 @@ pub(crate) fn validate(raw: RawEgress, v: &Validator) -> Result<EgressSettings, 
             "must list at least one CIDR (it fails closed)",
         ));
     }
-    let environment = match raw.environment.as_deref().map(str::trim).unwrap_or("int") {
-        "int" => EgressEnvironment::Int,
-        "prod" => EgressEnvironment::Prod,
-        "sandbox" => EgressEnvironment::Sandbox,
-        "custom" => EgressEnvironment::Custom,
-        other => {
-            return Err(c.err(
-                "environment",
-                format!("{other:?} is not one of \"int\", \"prod\", \"sandbox\", \"custom\""),
-            ))
-        }
-    };
+    let environment = raw.environment.unwrap_or(EgressEnvironment::Int);
     let (api_preset, token_preset) = match environment {
         EgressEnvironment::Int => (Some(INT_API_BASE), Some(INT_TOKEN_URL)),
         EgressEnvironment::Prod => (Some(PROD_API_BASE), Some(PROD_TOKEN_URL)),
@@ -297,18 +278,12 @@ pub(crate) fn validate(raw: RawEgress, v: &Validator) -> Result<EgressSettings, 
     }
     let retry = RetrySettings {
         max_attempts,
-        retry_budget: c.duration("retry_budget", raw.retry_budget, "30s")?,
-        attempt_timeout: c.duration("attempt_timeout", raw.attempt_timeout, "10s")?,
-        initial_backoff: c.duration("initial_backoff", raw.initial_backoff, "500ms")?,
-        max_backoff: c.duration("max_backoff", raw.max_backoff, "8s")?,
+        retry_budget: HumanDuration::or(raw.retry_budget, Duration::from_secs(30)),
+        attempt_timeout: HumanDuration::or(raw.attempt_timeout, Duration::from_secs(10)),
+        initial_backoff: HumanDuration::or(raw.initial_backoff, Duration::from_millis(500)),
+        max_backoff: HumanDuration::or(raw.max_backoff, Duration::from_secs(8)),
     };
-    let max_body_text = raw.max_body.unwrap_or_else(|| "10MiB".into());
-    let max_body = parse_size(&max_body_text).ok_or_else(|| {
-        c.err(
-            "max_body",
-            format!("{max_body_text:?} is not a size like \"10MiB\""),
-        )
-    })?;
+    let max_body = ByteSize::or(raw.max_body, 10 << 20);
     let bars_version = c
         .text("bars_version", raw.bars_version)?
         .unwrap_or_else(|| "1.1.0".into());
@@ -335,7 +310,7 @@ pub(crate) fn validate(raw: RawEgress, v: &Validator) -> Result<EgressSettings, 
             .unwrap_or_else(|| "bars-gateway".into()),
         bars_version,
         retry,
-        connect_timeout: c.duration("connect_timeout", raw.connect_timeout, "5s")?,
+        connect_timeout: HumanDuration::or(raw.connect_timeout, Duration::from_secs(5)),
         max_body,
     })
 }
@@ -346,12 +321,16 @@ mod tests {
     use std::path::Path;
 
     fn parse(text: &str) -> Result<EgressSettings, ConfigError> {
-        let raw: RawEgress = toml::from_str(text).unwrap();
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            egress: RawEgress,
+        }
         let v = Validator {
             file: "/etc/bg/config.toml".into(),
             dir: "/etc/bg".into(),
         };
-        validate(raw, &v)
+        let doc: Doc = v.read_toml(&format!("[egress]\n{text}"))?;
+        validate(doc.egress, &v)
     }
 
     #[test]

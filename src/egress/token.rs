@@ -32,20 +32,20 @@ use super::settings::{SignedJwtSettings, API_KEY_CREDENTIAL, SIGNING_KEY_PASSWOR
 use crate::tls::material::{read_private_key_as, read_secret, MaterialError, PrivateKeyKeys};
 
 /// `client_assertion_type` of a private key JWT (RFC 7523).
-pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub(crate) const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Smallest RSA modulus accepted for signing (the platform's and rustls' floor).
-pub const MIN_RSA_BITS: usize = 2048;
+pub(crate) const MIN_RSA_BITS: usize = 2048;
 /// Lifetime of one assertion. The platform refuses `exp` more than 5 minutes ahead; a minute less
 /// leaves room for our clock running ahead of theirs.
 const ASSERTION_LIFETIME: u64 = 240;
 /// A cached token is renewed once less than this remains of its `expires_in`, so that a request
 /// never sets off with a token that expires on the way (the platform issues 599 s tokens).
-pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// Largest token endpoint answer read.
 const MAX_TOKEN_ANSWER: usize = 64 * 1024;
 
 /// The sender's RSA key and the `kid` the platform knows its public half by.
-pub struct SigningKey {
+pub(crate) struct SigningKey {
     /// The registered key id.
     pub key_id: String,
     pair: RsaKeyPair,
@@ -65,7 +65,7 @@ impl std::fmt::Debug for SigningKey {
 impl SigningKey {
     /// Loads `egress.signing_key` (PKCS#8 plain or encrypted, or PKCS#1 PEM): it must be RSA of at
     /// least [`MIN_RSA_BITS`]. Blocking (file reads, and PBKDF2 for an encrypted key).
-    pub fn load(settings: &SignedJwtSettings) -> Result<SigningKey, MaterialError> {
+    pub(crate) fn load(settings: &SignedJwtSettings) -> Result<SigningKey, MaterialError> {
         let keys = PrivateKeyKeys {
             key: "egress.signing_key",
             password_key: "egress.signing_key_password_file",
@@ -104,13 +104,17 @@ impl SigningKey {
     }
 
     /// The modulus size in bits.
-    pub fn bits(&self) -> usize {
+    pub(crate) fn bits(&self) -> usize {
         self.pair.public().modulus_len() * 8
     }
 
     /// A fresh client assertion: RS512 JWT with `kid`, `iss` = `sub` = the API key, `aud` = the
     /// token URL, a new `jti`, `iat` now and `exp` four minutes on.
-    pub fn assertion(&self, api_key: &ApiKey, audience: &str) -> Result<Secret, SigningError> {
+    pub(crate) fn assertion(
+        &self,
+        api_key: &ApiKey,
+        audience: &str,
+    ) -> Result<Secret, SigningError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|_| SigningError)?
@@ -145,15 +149,15 @@ impl SigningKey {
 /// The RSA signature could not be made (the system RNG failed).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot sign the client assertion")]
-pub struct SigningError;
+pub(crate) struct SigningError;
 
 /// A secret string (assertion, access token) that never prints.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
+pub(crate) struct Secret(Arc<str>);
 
 impl Secret {
     /// The secret itself, for the wire only.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -166,7 +170,7 @@ impl std::fmt::Debug for Secret {
 
 /// The application's API key (`iss` and `sub` of the assertion).
 #[derive(Clone)]
-pub struct ApiKey(Arc<str>);
+pub(crate) struct ApiKey(Arc<str>);
 
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,7 +180,7 @@ impl std::fmt::Debug for ApiKey {
 
 impl ApiKey {
     /// Reads `egress.api_key_file`, else the systemd credential `api-key`.
-    pub fn load(file: Option<&std::path::Path>) -> Result<ApiKey, MaterialError> {
+    pub(crate) fn load(file: Option<&std::path::Path>) -> Result<ApiKey, MaterialError> {
         let key = read_secret("egress.api_key_file", file, API_KEY_CREDENTIAL)?;
         match key.map(|k| k.trim().to_string()) {
             Some(k) if !k.is_empty() && !k.chars().any(char::is_control) => {
@@ -200,7 +204,7 @@ impl ApiKey {
 
 /// Why no access token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// The token endpoint could not be reached, timed out, or failed (5xx).
     #[error("the token endpoint is unavailable: {0}")]
     Unavailable(String),
@@ -255,7 +259,7 @@ enum ExpiresIn {
 }
 
 /// One access token for the whole gateway, fetched on demand and renewed before it expires.
-pub struct TokenSource {
+pub(crate) struct TokenSource {
     key: SigningKey,
     api_key: ApiKey,
     token_url: Uri,
@@ -278,7 +282,7 @@ impl std::fmt::Debug for TokenSource {
 
 impl TokenSource {
     /// A source fetching from `token_url` (also the assertion's `aud`).
-    pub fn new(
+    pub(crate) fn new(
         key: SigningKey,
         api_key: ApiKey,
         token_url: Uri,
@@ -300,7 +304,7 @@ impl TokenSource {
     }
 
     /// The cached token, or a new one if it is due for renewal (one fetch for all waiters).
-    pub async fn token(&self) -> Result<Secret, TokenError> {
+    pub(crate) async fn token(&self) -> Result<Secret, TokenError> {
         let fetches_before = self.fetches.load(Ordering::Acquire);
         let mut state = self.state.lock().await;
         let now = Instant::now();
@@ -339,7 +343,7 @@ impl TokenSource {
     }
 
     /// Forgets `token` if it is still the cached one (the API answered 401 to it).
-    pub async fn invalidate(&self, token: &Secret) {
+    pub(crate) async fn invalidate(&self, token: &Secret) {
         let mut state = self.state.lock().await;
         if state.cached.as_ref().is_some_and(|c| &c.token == token) {
             state.cached = None;
@@ -447,7 +451,7 @@ impl TokenSource {
 }
 
 /// `Authorization: Bearer …`, marked sensitive (HTTP/2 never indexes it).
-pub fn bearer(token: &Secret) -> Option<(http::HeaderName, HeaderValue)> {
+pub(crate) fn bearer(token: &Secret) -> Option<(http::HeaderName, HeaderValue)> {
     let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose())).ok()?;
     value.set_sensitive(true);
     Some((AUTHORIZATION, value))

@@ -11,7 +11,7 @@ use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
 
-use crate::config::{ServerIdentitySource, TlsSettings};
+use super::{ServerIdentitySource, TlsSettings};
 
 /// The systemd credential name looked up in `$CREDENTIALS_DIRECTORY` for a key password.
 pub const KEY_PASSWORD_CREDENTIAL: &str = "key-password";

@@ -10,6 +10,9 @@ pub mod inspect;
 pub mod material;
 pub mod nhs;
 pub mod policy;
+mod settings;
+
+pub use settings::{parse_pin, Pin, ServerIdentitySource, TlsSettings, TlsVersion};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ServerConnection, ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::RootCertStore;
 
-use crate::config::{ClientSettings, TlsSettings, TlsVersion};
+use crate::admission::ClientSettings;
 use inspect::{unix_now, CertSummary, CrlSummary};
 use material::{load_material, MaterialError, TlsMaterial};
 use policy::{ClientIdentityPolicy, PolicyVerifier};

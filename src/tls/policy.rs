@@ -10,7 +10,8 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
-use crate::config::{ClientSettings, Pin};
+use super::Pin;
+use crate::admission::ClientSettings;
 use crate::tls::inspect::CertSummary;
 
 /// The rule a client certificate broke.
@@ -177,7 +178,7 @@ impl ClientCertVerifier for PolicyVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Environment;
+    use crate::admission::Environment;
     use rustls_pki_types::pem::PemObject;
 
     fn prod_leaf() -> CertSummary {
@@ -195,7 +196,7 @@ mod tests {
             allowed_subjects: subjects.iter().map(|s| s.to_string()).collect(),
             pinned_fingerprints: pins
                 .iter()
-                .map(|p| crate::config::parse_pin(p).unwrap())
+                .map(|p| crate::tls::parse_pin(p).unwrap())
                 .collect(),
         })
     }
