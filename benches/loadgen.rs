@@ -334,9 +334,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
             // schedule at `rate` per second.
             let interval = Duration::from_secs_f64(count as f64 / args.rate.max(0.001));
             let first = now + Duration::from_secs_f64(i as f64 / args.rate.max(0.001));
-            workers.spawn(rate_worker(ctx, i, first, interval));
+            workers.spawn(keepalive_worker(ctx, i, Some((first, interval))));
         } else {
-            workers.spawn(keepalive_worker(ctx, i));
+            workers.spawn(keepalive_worker(ctx, i, None));
         }
     }
     let mut total = WorkerStats::default();
@@ -399,73 +399,38 @@ fn report(args: &Args, total: &WorkerStats, server_cpu: f64, client_cpu: f64, ma
     );
 }
 
-/// One connection, reused until it fails; one request in flight.
-async fn keepalive_worker(ctx: Arc<Ctx>, index: usize) -> WorkerStats {
-    let mut stats = WorkerStats::default();
-    let mut ids = IdGen::new(index);
-    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
-    while Instant::now() < ctx.end && ctx.take_one() {
-        let s = match sender.as_mut() {
-            Some(s) => s,
-            None => match tokio::time::timeout(ATTEMPT_TIMEOUT, connect(&ctx)).await {
-                Ok(Ok(s)) => sender.insert(s),
-                Ok(Err(e)) => {
-                    stats.error(&ctx, e);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                Err(_) => {
-                    stats.error(&ctx, "connect timed out");
-                    continue;
-                }
-            },
-        };
-        let request = match ctx.request(ids.next()) {
-            Ok(r) => r,
-            Err(e) => {
-                stats.error(&ctx, e);
-                break;
-            }
-        };
-        let started = Instant::now();
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, send(s, request)).await {
-            Ok(Ok(status)) => stats.record(&ctx, started, status),
-            Ok(Err(e)) => {
-                stats.error(&ctx, e);
-                sender = None;
-            }
-            Err(_) => {
-                stats.error(&ctx, "request timed out");
-                sender = None;
-            }
-        }
-    }
-    stats
-}
-
-/// Open loop: one keep-alive connection, requests sent on their schedule (`first`, then every
-/// `interval`); each latency counts from the time the request was due, so a request that waits
-/// for a slow predecessor is charged for the wait.
-async fn rate_worker(
+/// One connection, reused until it fails; one request in flight. Closed loop (`schedule` None):
+/// the next request goes as soon as the last one is answered. Open loop (`Some((first,
+/// interval))`): requests go on their schedule, and each latency counts from the time the
+/// request was due, so a request that waits for a slow predecessor is charged for the wait.
+async fn keepalive_worker(
     ctx: Arc<Ctx>,
     index: usize,
-    first: Instant,
-    interval: Duration,
+    schedule: Option<(Instant, Duration)>,
 ) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut ids = IdGen::new(index);
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
-    let mut due = first;
-    while due < ctx.end && ctx.take_one() {
-        tokio::time::sleep_until(due.into()).await;
-        let scheduled = due;
-        due += interval;
+    let mut due = schedule.map(|(first, _)| first);
+    while due.unwrap_or_else(Instant::now) < ctx.end && ctx.take_one() {
+        let started = match (due.as_mut(), schedule) {
+            (Some(due), Some((_, interval))) => {
+                tokio::time::sleep_until((*due).into()).await;
+                let scheduled = *due;
+                *due += interval;
+                Some(scheduled)
+            }
+            _ => None,
+        };
         let s = match sender.as_mut() {
             Some(s) => s,
             None => match tokio::time::timeout(ATTEMPT_TIMEOUT, connect(&ctx)).await {
                 Ok(Ok(s)) => sender.insert(s),
                 Ok(Err(e)) => {
                     stats.error(&ctx, e);
+                    if schedule.is_none() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     continue;
                 }
                 Err(_) => {
@@ -481,8 +446,9 @@ async fn rate_worker(
                 break;
             }
         };
+        let started = started.unwrap_or_else(Instant::now);
         match tokio::time::timeout(ATTEMPT_TIMEOUT, send(s, request)).await {
-            Ok(Ok(status)) => stats.record(&ctx, scheduled, status),
+            Ok(Ok(status)) => stats.record(&ctx, started, status),
             Ok(Err(e)) => {
                 stats.error(&ctx, e);
                 sender = None;

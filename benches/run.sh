@@ -431,13 +431,18 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 7. Throughput: alternating rounds, the server order reversed every other round.
 conc_of() { case $1 in get) echo "$CONC_GET" ;; post) echo "$CONC_POST" ;; connect) echo "$CONC_CONNECT" ;; esac; }
-for round in $(seq "$ROUNDS"); do
-    order=("${SERVERS[@]}" "${VARIANT_SERVERS[@]}")
+# The servers of a round, in `order`: as given in odd rounds, reversed in even ones.
+round_order() { # round servers...
+    local round=$1 k
+    shift
+    order=("$@")
     if [ $((round % 2)) = 0 ]; then
-        reversed=()
-        for ((k = ${#order[@]} - 1; k >= 0; k--)); do reversed+=("${order[k]}"); done
-        order=("${reversed[@]}")
+        order=()
+        for ((k = $#; k >= 1; k--)); do order+=("${!k}"); done
     fi
+}
+for round in $(seq "$ROUNDS"); do
+    round_order "$round" "${SERVERS[@]}" "${VARIANT_SERVERS[@]}"
     for mode in $MODES; do
         for s in "${order[@]}"; do
             set -- $s
@@ -457,12 +462,7 @@ echo "AFTER label=nginx-auto rss_kb=$(rss_kb "$NGXA_PIDS")" >>"$RESULTS"
 # 7b. The added latency a user feels: a fixed moderate rate, open loop, through each proxy and
 #     to the backend directly (plain HTTP, the baseline), alternating; summarize.py subtracts.
 for round in $(seq "$RATE_ROUNDS"); do
-    order=("direct $BACKEND_PORT $BACKEND_PID" "${SERVERS[@]}")
-    if [ $((round % 2)) = 0 ]; then
-        reversed=()
-        for ((k = ${#order[@]} - 1; k >= 0; k--)); do reversed+=("${order[k]}"); done
-        order=("${reversed[@]}")
-    fi
+    round_order "$round" "direct $BACKEND_PORT $BACKEND_PID" "${SERVERS[@]}"
     for s in "${order[@]}"; do
         set -- $s
         log "round $round: $RATE req/s open loop -> $1"
