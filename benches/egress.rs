@@ -2,7 +2,9 @@
 //! (1) directly, as a sender that did the transport work itself would (pooled HTTPS client, BaRS
 //! headers and a Bearer token already made), and (2) through the gateway's egress listener (plain
 //! HTTP in; token cached after the warm-up, headers completed, HTTPS out). Prints req/s, mean and
-//! p99 latency of each, and their ratio, as one `RESULT` line.
+//! p99 latency of each, and their ratio, as one `RESULT` line; with the CPU the whole process (client,
+//! stand-in and, on the egress side, the gateway) spent per request in each phase, and its RSS
+//! after each: the differences are what the egress path costs.
 //!
 //! Usage: `cargo bench --bench egress -- --run [--requests N] [--concurrency C] [--body FILE]`.
 //! Given only cargo bench's `--bench` flag (a plain `cargo bench`), it prints usage and exits: run
@@ -174,9 +176,11 @@ ods_code = "A1001"
     let _ = measure(direct.clone(), concurrency * 4, concurrency).await;
     let _ = measure(through_egress.clone(), concurrency * 4, concurrency).await;
     let d = measure(direct, requests, concurrency).await;
+    let rss_direct_kb = rss_kb();
     let e = measure(through_egress, requests, concurrency).await;
+    let rss_egress_kb = rss_kb();
     println!(
-        "RESULT requests={requests} concurrency={concurrency} body_bytes={} direct_rps={:.0} egress_rps={:.0} rps_ratio={:.2} direct_mean_ms={:.3} egress_mean_ms={:.3} direct_p99_ms={:.3} egress_p99_ms={:.3} latency_ratio={:.2} errors={}",
+        "RESULT requests={requests} concurrency={concurrency} body_bytes={} direct_rps={:.0} egress_rps={:.0} rps_ratio={:.2} direct_mean_ms={:.3} egress_mean_ms={:.3} direct_p99_ms={:.3} egress_p99_ms={:.3} latency_ratio={:.2} direct_cpu_us_per_req={:.1} egress_cpu_us_per_req={:.1} cpu_added_us_per_req={:.1} rss_after_direct_kb={rss_direct_kb} rss_after_egress_kb={rss_egress_kb} rss_added_kb={} errors={}",
         body.len(),
         d.rps,
         e.rps,
@@ -186,14 +190,47 @@ ods_code = "A1001"
         d.p99_ms,
         e.p99_ms,
         e.mean_ms / d.mean_ms,
+        d.cpu_us_per_req,
+        e.cpu_us_per_req,
+        e.cpu_us_per_req - d.cpu_us_per_req,
+        rss_egress_kb.saturating_sub(rss_direct_kb),
         d.errors + e.errors
     );
+}
+
+/// User + system CPU seconds of this process so far (/proc/self/stat, USER_HZ = 100).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// VmRSS of this process, kB.
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 struct Measured {
     rps: f64,
     mean_ms: f64,
     p99_ms: f64,
+    /// CPU of the whole process over the phase, per request.
+    cpu_us_per_req: f64,
     errors: usize,
 }
 
@@ -203,6 +240,7 @@ where
     Fut: std::future::Future<Output = Result<u16, E>> + Send,
 {
     let per_worker = requests.div_ceil(concurrency);
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -229,6 +267,7 @@ where
         errors += e;
     }
     let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
     all.sort();
     let mean = all.iter().map(Duration::as_secs_f64).sum::<f64>() / all.len().max(1) as f64;
     let p99 = all
@@ -239,6 +278,7 @@ where
         rps: all.len() as f64 / wall,
         mean_ms: mean * 1000.0,
         p99_ms: p99.as_secs_f64() * 1000.0,
+        cpu_us_per_req: cpu * 1e6 / all.len().max(1) as f64,
         errors,
     }
 }
