@@ -15,6 +15,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,9 +23,10 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -82,7 +84,7 @@ pub(crate) struct Shared {
     /// Whether to write one audit record per request.
     pub audit: bool,
     /// HTTP server settings, built once from `[listen]`.
-    pub http: auto::Builder<TokioExecutor>,
+    pub http: HttpServers,
 }
 
 impl Shared {
@@ -111,10 +113,9 @@ impl Shared {
     }
 
     /// Builds the HTTP/1.1 + h2 server settings from `[listen]`.
-    pub(crate) fn http_builder(listen: &ListenSettings) -> auto::Builder<TokioExecutor> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+    pub(crate) fn http_builder(listen: &ListenSettings) -> HttpServers {
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             // A backstop only: hyper's timer also runs while a kept-alive connection waits for its
             // next request, so it must not be shorter than idle_timeout (see idle.rs).
@@ -123,15 +124,26 @@ impl Shared {
             // header section a little over it: with an OperationOutcome and the ids echoed.
             .max_buf_size(listen.max_header_bytes + HEADER_SLACK)
             .keep_alive(true);
-        builder
-            .http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(100)
             .max_header_list_size((listen.max_header_bytes + HEADER_SLACK) as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)));
-        builder
+        HttpServers { http1, http2 }
     }
 }
+
+/// The HTTP servers, built once from `[listen]`: HTTP/1.1, and h2 when ALPN chose it.
+#[derive(Clone)]
+pub(crate) struct HttpServers {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+/// An HTTP/1.1 or h2 connection being served.
+type ServedConnection =
+    dyn GracefulConnection<Error = hyper::Error, Output = Result<(), hyper::Error>> + Send;
 
 /// One admitted, authenticated connection.
 struct Connection {
@@ -292,16 +304,24 @@ pub(crate) async fn serve_connection(
             let shared = shared.clone();
             let conn = conn.clone();
             let busy = idle.busy();
-            async move {
+            // Boxed: hyper keeps a slot the size of the service's future for every connection,
+            // idle ones too (3.6 kB for this pipeline); boxed, the slot is a pointer and the
+            // future exists only while a request is in flight.
+            let request: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
                 let response = handle_request(&shared, &conn, req).await;
                 drop(busy);
                 Ok::<_, Infallible>(response)
-            }
+            });
+            request
         })
     };
-    let http = shared.http.clone();
-    let connection = http.serve_connection(io, service);
-    tokio::pin!(connection);
+    // The protocol is the one ALPN chose. hyper-util's auto-detection would read a 24-byte
+    // preface first, which makes hyper grow its read buffer to 16 kB for every connection.
+    let mut connection: Pin<Box<ServedConnection>> = if is_h2 {
+        Box::pin(shared.http.http2.serve_connection(io, service))
+    } else {
+        Box::pin(shared.http.http1.serve_connection(io, service))
+    };
     let mut closing = false;
     loop {
         tokio::select! {
