@@ -1,6 +1,7 @@
 //! Raw h2 after a genuine TLS-MA handshake: a well-formed request is served, streams are limited
 //! to 100 per connection, and malformed requests, bodies longer than their content-length and
-//! header lists over `max_header_bytes` are refused and never forwarded.
+//! header lists over `max_header_bytes` are refused and never forwarded; without ALPN a client is
+//! served HTTP/1.1 (the protocol is ALPN's choice, never guessed from the first bytes).
 
 mod common;
 
@@ -116,4 +117,49 @@ async fn an_h2_header_list_over_max_header_bytes_is_refused_and_never_forwarded(
     let outcome = h2.outcome(1).await;
     assert_eq!(outcome, H2Outcome::Status(Some(431)), "h2's own answer");
     assert_eq!(rig.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_offers_no_alpn_is_served_http1_and_an_h2_preface_is_not_taken_for_h2() {
+    let rig = Rig::start().await;
+    let no_alpn = rig.pki.client_config_with(
+        Some(ClientCert::Proxy),
+        &[&rustls::version::TLS13],
+        Vec::new(),
+    );
+    // HTTP/1.1 without ALPN: served.
+    let reply = send(rig.gateway.addr, no_alpn.clone(), metadata())
+        .await
+        .expect("HTTP/1.1 without ALPN is served");
+    assert_eq!(reply.status, 200);
+    assert_eq!(rig.upstream.count(), 1);
+    // The h2 connection preface without ALPN is read as HTTP/1.1 (and refused by hyper): the
+    // protocol is the one ALPN chose, never guessed from the first bytes.
+    let tcp = tokio::net::TcpStream::connect(rig.gateway.addr)
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(no_alpn)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the gateway answers or closes");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || text.starts_with("HTTP/1.1 "),
+        "an HTTP/1.1 answer or a closed connection, never h2 frames: {text:?}"
+    );
+    assert_eq!(rig.upstream.count(), 1, "nothing forwarded");
 }
