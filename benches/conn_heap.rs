@@ -27,6 +27,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+
 const SLOTS: usize = 1 << 22;
 static KEYS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 static SIZES: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
@@ -128,23 +130,13 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if !args.iter().any(|a| a == "--run") {
-        eprintln!("usage: cargo bench --bench conn_heap -- --run [--connections N] [--trace SIZE]");
+    let Some(args) =
+        common::run_args("cargo bench --bench conn_heap -- --run [--connections N] [--trace SIZE]")
+    else {
         return;
-    }
-    let value = |flag: &str, default: usize| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
     };
-    let connections = value("--connections", 500).max(1);
-    TRACE_SIZE.store(value("--trace", 0), Ordering::Relaxed);
+    let connections = common::number(&args, "--connections", 500).max(1);
+    TRACE_SIZE.store(common::number(&args, "--trace", 0), Ordering::Relaxed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,6 +11,8 @@
 //! expiry, with the same entries.
 //! Run by `benches/run.sh`, or `cargo bench --bench dedup_memory`.
 
+mod common;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,7 +64,7 @@ fn done(id: RequestId, fingerprint: Fingerprint, with_reference: bool) -> Entry 
 
 fn measure(entries: u64, with_reference: bool, variant: &str) {
     let ttl = Duration::from_secs(24 * 3600);
-    let before_kb = rss_kb();
+    let before_kb = common::self_rss_kb();
     let started = Instant::now();
     let mut firsts = 0u64;
     let held;
@@ -109,7 +111,7 @@ fn measure(entries: u64, with_reference: bool, variant: &str) {
         }
     };
     let elapsed = started.elapsed().as_secs_f64();
-    let after_kb = rss_kb();
+    let after_kb = common::self_rss_kb();
     let grown = after_kb.saturating_sub(before_kb) * 1024;
     println!(
         "RESULT dedup_memory variant={variant} entry_size={} entries={entries} reference={with_reference} first_claims={firsts} held={held} seconds={elapsed:.1} ops_per_s={:.0} rss_before_mb={:.1} rss_after_mb={:.1} growth_mb={:.1} bytes_per_entry={:.0}",
@@ -120,17 +122,4 @@ fn measure(entries: u64, with_reference: bool, variant: &str) {
         grown as f64 / (1024.0 * 1024.0),
         grown as f64 / held.max(1) as f64,
     );
-}
-
-/// VmRSS of this process, kB.
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse().ok())
-        })
-        .unwrap_or(0)
 }

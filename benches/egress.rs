@@ -27,32 +27,21 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
 const TARGET: &str = "https://fhir.nhs.uk/Id/dos-service-id|2000011147";
+
+mod common;
+
 const API_PATH: &str = "/booking-and-referral/FHIR/R4";
 const TOKEN: &str = "bench-token";
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if !args.iter().any(|a| a == "--run") {
-        eprintln!("usage: cargo bench --bench egress -- --run [--requests N] [--concurrency C] [--body FILE]");
+    let Some(args) = common::run_args(
+        "cargo bench --bench egress -- --run [--requests N] [--concurrency C] [--body FILE]",
+    ) else {
         return;
-    }
-    let value = |flag: &str, default: usize| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
     };
-    let requests = value("--requests", 5000);
-    let concurrency = value("--concurrency", 8).max(1);
-    let body = match args
-        .iter()
-        .position(|a| a == "--body")
-        .and_then(|i| args.get(i + 1))
-    {
+    let requests = common::number(&args, "--requests", 5000);
+    let concurrency = common::number(&args, "--concurrency", 8).max(1);
+    let body = match common::flag(&args, "--body") {
         Some(path) => Bytes::from(std::fs::read(path).expect("--body file")),
         None => Bytes::from_static(br#"{"resourceType":"Bundle","type":"message"}"#),
     };
@@ -176,9 +165,9 @@ ods_code = "A1001"
     let _ = measure(direct.clone(), concurrency * 4, concurrency).await;
     let _ = measure(through_egress.clone(), concurrency * 4, concurrency).await;
     let d = measure(direct, requests, concurrency).await;
-    let rss_direct_kb = rss_kb();
+    let rss_direct_kb = common::self_rss_kb();
     let e = measure(through_egress, requests, concurrency).await;
-    let rss_egress_kb = rss_kb();
+    let rss_egress_kb = common::self_rss_kb();
     println!(
         "RESULT requests={requests} concurrency={concurrency} body_bytes={} direct_rps={:.0} egress_rps={:.0} rps_ratio={:.2} direct_mean_ms={:.3} egress_mean_ms={:.3} direct_p99_ms={:.3} egress_p99_ms={:.3} latency_ratio={:.2} direct_cpu_us_per_req={:.1} egress_cpu_us_per_req={:.1} cpu_added_us_per_req={:.1} rss_after_direct_kb={rss_direct_kb} rss_after_egress_kb={rss_egress_kb} rss_added_kb={} errors={}",
         body.len(),
@@ -198,33 +187,6 @@ ods_code = "A1001"
     );
 }
 
-/// User + system CPU seconds of this process so far (/proc/self/stat, USER_HZ = 100).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
-/// VmRSS of this process, kB.
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 struct Measured {
     rps: f64,
     mean_ms: f64,
@@ -240,7 +202,7 @@ where
     Fut: std::future::Future<Output = Result<u16, E>> + Send,
 {
     let per_worker = requests.div_ceil(concurrency);
-    let cpu_before = cpu_seconds();
+    let cpu_before = common::self_cpu_seconds();
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -267,7 +229,7 @@ where
         errors += e;
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = common::self_cpu_seconds() - cpu_before;
     all.sort();
     let mean = all.iter().map(Duration::as_secs_f64).sum::<f64>() / all.len().max(1) as f64;
     let p99 = all

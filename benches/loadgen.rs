@@ -44,6 +44,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+mod common;
+use common::{cpu_seconds, rss_kb, self_cpu_seconds};
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Time allowed for one connection setup or one request; past it the attempt counts as an error.
@@ -648,36 +651,6 @@ fn fixed_headers(path: &Path, with_body: bool) -> Result<Vec<(HeaderName, Header
     Ok(out)
 }
 
-/// User + system CPU seconds of the processes (all their threads), from /proc.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|stat| stat_cpu_seconds(&stat))
-        .sum()
-}
-
-fn self_cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .map(|s| stat_cpu_seconds(&s))
-        .unwrap_or(0.0)
-}
-
-/// utime + stime (fields 14 and 15, in USER_HZ = 100 ticks per second on Linux).
-fn stat_cpu_seconds(stat: &str) -> f64 {
-    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
 /// How busy the whole machine (every core, every process) was over the window.
 #[derive(Debug, Clone, Copy)]
 struct MachineCpu {
@@ -717,18 +690,4 @@ fn machine_ticks() -> [u64; 8] {
         }
     }
     out
-}
-
-/// Sum of VmRSS (kB) of the processes.
-fn rss_kb(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .sum()
 }
