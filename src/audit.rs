@@ -16,6 +16,7 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::bars::identity::{OdsCode, TargetIdentifier};
 use crate::bars::ids::{CorrelationId, RequestId};
 use crate::bars::Refusal;
 use crate::upstream::{BoxError, GatewayBody};
@@ -44,9 +45,9 @@ pub(crate) struct AuditRecord {
     /// `X-Correlation-Id`, once validated.
     pub correlation_id: Option<CorrelationId>,
     /// `system|value` of NHSD-Target-Identifier.
-    pub target: Option<String>,
+    pub target: Option<TargetIdentifier>,
     /// The ODS code of NHSD-End-User-Organisation.
-    pub ods_code: Option<String>,
+    pub ods_code: Option<OdsCode>,
     /// The software id of NHSD-Requesting-Software.
     pub software: Option<String>,
     /// Why the gateway answered itself.
@@ -140,8 +141,8 @@ impl AuditRecord {
             endpoint = self.endpoint.unwrap_or("-"),
             request_id = %OrDash(&self.request_id),
             correlation_id = %OrDash(&self.correlation_id),
-            bars_target = self.target.as_deref().unwrap_or("-"),
-            ods_code = self.ods_code.as_deref().unwrap_or("-"),
+            bars_target = %OrDash(&self.target),
+            ods_code = %OrDash(&self.ods_code),
             software = self.software.as_deref().unwrap_or("-"),
             status,
             bars_code = bars_code.unwrap_or("-"),

@@ -437,22 +437,32 @@ async fn check_and_forward(
     shared
         .identity_warnings
         .report(&shared.metrics, &identity.warnings, &ids.request_id);
-    audit.target = identity.target.as_ref().map(|t| t.to_string());
-    audit.ods_code = identity.organisation.as_ref().map(|o| o.ods_code.0.clone());
-    audit.software = identity.software.as_ref().and_then(|s| s.id.clone());
+    // What the legacy system is told of the sender (X-BaRS-*), from the decoded headers; the
+    // audit record keeps the typed values.
+    let bars_target = identity
+        .target
+        .as_ref()
+        .and_then(|t| header_value(&t.to_string()));
+    let ods_code = identity
+        .organisation
+        .as_ref()
+        .and_then(|o| header_value(o.ods_code.as_str()));
+    audit.target = identity.target;
+    audit.ods_code = identity.organisation.map(|o| o.ods_code);
+    audit.software = identity.software.and_then(|s| s.id);
 
     // Accept: the major version asked for is served (406).
     bars::accept::check_accept(request.headers(), &shared.bars.accepted_major_versions)?;
 
     // Upstream: by NHSD-Target-Identifier, else the default (404 when none serves the target).
-    let upstream = shared.upstreams.select(identity.target.as_ref())?;
+    let upstream = shared.upstreams.select(audit.target.as_ref())?;
 
     let added = ForwardedHeaders {
         forwarded_for: conn.forwarded_for.clone(),
         cert_subject: conn.cert_subject.clone(),
         cert_sha256: conn.cert_sha256.clone(),
-        bars_target: audit.target.as_deref().and_then(header_value),
-        ods_code: audit.ods_code.as_deref().and_then(header_value),
+        bars_target,
+        ods_code,
         possible_duplicate: false,
         request_id: Some(ids.request_id),
         correlation_id: Some(ids.correlation_id),
