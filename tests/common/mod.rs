@@ -819,7 +819,9 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one and waits until it answers PING.
+    /// Starts one and waits until it answers PING. The port is a free one picked just before
+    /// the server binds it; when another test takes it in between, the server exits and it is
+    /// started again on another port.
     pub async fn start() -> Option<RedisServer> {
         if std::process::Command::new("redis-server")
             .arg("--version")
@@ -832,17 +834,48 @@ impl RedisServer {
             );
             return None;
         }
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
         let mut server = RedisServer {
-            port,
+            port: 0,
             child: None,
             _dir: tempfile::tempdir().unwrap(),
         };
-        server.spawn();
-        Some(server)
+        for _ in 0..5 {
+            server.port = free_port();
+            server.spawn();
+            if server.answers_or_exits().await {
+                return Some(server);
+            }
+            server.stop();
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// True once the server answers PING; false if it exited first (its port was taken).
+    async fn answers_or_exits(&mut self) -> bool {
+        for _ in 0..500 {
+            if self.answers_ping().await {
+                return true;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    async fn answers_ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let _ = s.write_all(b"PING\r\n").await;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
     }
 
     fn spawn(&mut self) {
@@ -871,14 +904,9 @@ impl RedisServer {
 
     /// Waits until the server answers PING (its readiness signal), up to 10 s.
     pub async fn wait_ready(&self) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         for _ in 0..500 {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await {
-                let _ = s.write_all(b"PING\r\n").await;
-                let mut buf = [0u8; 7];
-                if s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n" {
-                    return;
-                }
+            if self.answers_ping().await {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
